@@ -1,0 +1,807 @@
+"""Shared pieces of the DDIL reference: everything the teacher and the three method files use.
+
+Sections, top to bottom: config/CLI, distributed, schedule & parameterisation, reflection and the
+fused Triton step, samplers, U-Net, EMA, data, the DDIL mixing buffer, checkpoints, logging and
+images, teacher loading. Each is small and flat; read the one you need.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # Triton is optional: Linux only, and only needed for the fused step on CUDA tensors
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+
+def fail(msg):
+    """Stop with a one-line error and a non-zero exit (no traceback): bad flags, data, checkpoints."""
+    raise SystemExit(f"error: {msg}")
+
+
+# ----------------------------------------------------------------------------------------------
+# config / CLI
+# ----------------------------------------------------------------------------------------------
+
+def parse_config(cls, argv=None, presets=None):
+    """Build argparse flags from a dataclass (`max_steps` -> `--max-steps`) and parse argv.
+
+    presets: {dataset: {field: value}} applied as defaults once --dataset is known, so
+    `--dataset cifar10` switches model size, batch, lr, ... and explicit flags still win.
+    """
+    parser = argparse.ArgumentParser(
+        description=(sys.modules["__main__"].__doc__ or "").split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        typ = f.type if isinstance(f.type, type) else eval(f.type)  # dataclass string annotations
+        if typ is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif isinstance(default, (list, tuple)):
+            elem = type(default[0]) if default else float
+            parser.add_argument(flag, type=elem, nargs="+", default=default)
+        else:
+            choices = getattr(cls, "CHOICES", {}).get(f.name)
+            parser.add_argument(flag, type=typ if default is not None else str, default=default,
+                                choices=choices)
+    if presets:
+        known, _ = parser.parse_known_args(argv)
+        if getattr(known, "dataset", None) in presets:
+            parser.set_defaults(**presets[known.dataset])
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse printed the usage and the one-line error already
+        raise SystemExit(e.code if e.code else 0)
+    return cls(**vars(args))
+
+
+def save_config(cfg, out):
+    if is_main():
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as fh:
+            json.dump(dataclasses.asdict(cfg), fh, indent=2)
+        print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
+
+
+def check_betas(beta_data, beta_teacher, beta_student):
+    """Validate DDIL mixing priors; returns them normalised to sum to 1."""
+    betas = (beta_data, beta_teacher, beta_student)
+    if min(betas) < 0:
+        fail(f"mixing priors must be >= 0, got --beta-data {beta_data} --beta-teacher "
+             f"{beta_teacher} --beta-student {beta_student}")
+    if sum(betas) <= 0:
+        fail("mixing priors sum to 0: give at least one of --beta-data, --beta-teacher, "
+             "--beta-student a positive value")
+    return tuple(b / sum(betas) for b in betas)
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed: `python x.py` is world size 1; `torchrun --nproc_per_node=N x.py` is N ranks
+# ----------------------------------------------------------------------------------------------
+
+def init_dist(device=""):
+    """Start torch.distributed when launched by torchrun (NCCL on CUDA, gloo on CPU).
+
+    Returns (rank, world_size, device). Idempotent, so a script can call a second script's main.
+    """
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if not device:
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and world > 1:
+        device = f"cuda:{local}"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            fail(f"--device {device} asked for, but CUDA is not available: use --device cpu")
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, torch.device(device)
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_cat(x):
+    """Concatenate a tensor (same shape on every rank) from all ranks along dim 0."""
+    if not dist.is_initialized():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def step_seed(seed, rank, step):
+    """Seed the global RNG from (seed, rank, step): resuming at any step, on any world size,
+    reproduces an uninterrupted run exactly, with no RNG state to carry in checkpoints."""
+    torch.manual_seed((seed * 1_000_003 + step) * 4096 + rank)
+
+
+def autocast(device, enabled=True):
+    """bf16 autocast on CUDA (DMD2 needs bf16; fp16 diverged in its paper); a no-op on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16,
+                          enabled=enabled and torch.device(device).type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# schedule & parameterisation: VP, cosine logSNR clipped to [-20, 20], v-prediction
+# ----------------------------------------------------------------------------------------------
+
+LOGSNR_MIN, LOGSNR_MAX = -20.0, 20.0
+_B = math.atan(math.exp(-0.5 * LOGSNR_MAX))
+_A = math.atan(math.exp(-0.5 * LOGSNR_MIN)) - _B
+
+
+def logsnr(t):
+    """logsnr(t) = -2 log tan(a t + b): cosine schedule mapped so logsnr(0)=20, logsnr(1)=-20."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    return (-2.0 * torch.log(torch.tan(_A * t + _B))).float()
+
+
+def alpha_sigma(t):
+    """alpha^2 = sigmoid(logsnr), sigma^2 = sigmoid(-logsnr); float tensors shaped like t."""
+    lam = logsnr(t).double()
+    return torch.sigmoid(lam).sqrt().float(), torch.sigmoid(-lam).sqrt().float()
+
+
+def x0_from_v(x, v, alpha, sigma):
+    return alpha * x - sigma * v
+
+
+def eps_from_v(x, v, alpha, sigma):
+    return sigma * x + alpha * v
+
+
+def v_from_x0_eps(x0, eps, alpha, sigma):
+    return alpha * eps - sigma * x0
+
+
+def bcast(c, x):
+    """A float or per-sample [B] coefficient as a tensor broadcastable against x [B, ...]."""
+    c = torch.as_tensor(c, dtype=torch.float32, device=x.device)
+    return c.reshape(-1, *([1] * (x.dim() - 1))) if c.dim() == 1 else c
+
+
+# ----------------------------------------------------------------------------------------------
+# reflection and the fused reflected sampling step
+# ----------------------------------------------------------------------------------------------
+
+BOUNDS = ("none", "clip", "reflect")
+
+
+def reflect(x):
+    """Fold R into [-1, 1] by mirror reflection at the walls: 1 - |((x + 1) mod 4) - 2|, floor mod."""
+    u = x + 1.0
+    return 1.0 - (u - 4.0 * torch.floor(u / 4.0) - 2.0).abs()
+
+
+def bound_x0(x0, bound):
+    if bound == "clip":
+        return x0.clamp(-1.0, 1.0)
+    if bound == "reflect":
+        return reflect(x0)
+    return x0
+
+
+def reflected_step_torch(x, v, alpha_t, sigma_t, alpha_s, sigma_s, noise=None, bound="reflect"):
+    """Reference: x0 = bound(alpha_t x - sigma_t v); eps = (x - alpha_t x0) / sigma_t (or z);
+    x_s = alpha_s x0 + sigma_s eps. Computes in fp32, returns in x's dtype."""
+    dtype, x, v = x.dtype, x.float(), v.float()
+    a_t, s_t, a_s, s_s = (bcast(c, x) for c in (alpha_t, sigma_t, alpha_s, sigma_s))
+    x0 = bound_x0(a_t * x - s_t * v, bound)
+    if noise is not None:
+        eps = noise.float()
+    elif bound == "none":
+        eps = s_t * x + a_t * v  # same value as below, without dividing by a tiny sigma_t
+    else:
+        eps = (x - a_t * x0) / s_t  # keep the step consistent with the bounded x0
+    return (a_s * x0 + s_s * eps).to(dtype), x0.to(dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def _reflected_step_kernel(x_ptr, v_ptr, z_ptr, xs_ptr, x0_ptr, at_ptr, st_ptr, as_ptr, ss_ptr,
+                               n, per_row, BOUND: tl.constexpr, HAS_NOISE: tl.constexpr,
+                               BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        row = offs // per_row  # per-sample coefficients, gathered by row
+        a_t = tl.load(at_ptr + row, mask=mask, other=1.0)
+        s_t = tl.load(st_ptr + row, mask=mask, other=1.0)
+        a_s = tl.load(as_ptr + row, mask=mask, other=1.0)
+        s_s = tl.load(ss_ptr + row, mask=mask, other=1.0)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x0 = a_t * x - s_t * v
+        if BOUND == 1:
+            x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+        if BOUND == 2:  # floor mod written out: Triton's float % follows C (truncation) semantics
+            u = x0 + 1.0
+            x0 = 1.0 - tl.abs(u - 4.0 * tl.floor(u / 4.0) - 2.0)
+        if HAS_NOISE:
+            eps = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        elif BOUND == 0:
+            eps = s_t * x + a_t * v
+        else:
+            eps = (x - a_t * x0) / s_t
+        xs = a_s * x0 + s_s * eps
+        tl.store(xs_ptr + offs, xs.to(xs_ptr.dtype.element_ty), mask=mask)
+        tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+def reflected_step_triton(x, v, alpha_t, sigma_t, alpha_s, sigma_s, noise=None, bound="reflect",
+                          block=1024):
+    """The fused step: one pass reads x, v (and z) and writes x_s and x0_hat."""
+    if triton is None:
+        raise RuntimeError("triton is not installed: use backend='torch'")
+    x, v = x.contiguous(), v.contiguous()
+    noise = noise.contiguous() if noise is not None else x  # dummy pointer when HAS_NOISE=False
+    B = x.shape[0]
+    coef = [torch.as_tensor(c, dtype=torch.float32, device=x.device).expand(B).contiguous()
+            for c in (alpha_t, sigma_t, alpha_s, sigma_s)]
+    xs, x0 = torch.empty_like(x), torch.empty_like(x)
+    n = x.numel()
+    _reflected_step_kernel[(triton.cdiv(n, block),)](
+        x, v, noise, xs, x0, *coef, n, n // B, BOUND=BOUNDS.index(bound),
+        HAS_NOISE=noise is not x, BLOCK=block)
+    return xs, x0
+
+
+def reflected_step(x, v, alpha_t, sigma_t, alpha_s, sigma_s, noise=None, bound="reflect",
+                   backend="auto"):
+    """One sampler step t -> s on v-predictions with x0_hat bounded; returns (x_s, x0_hat).
+
+    noise=None: the DDIM step x_s = alpha_s x0 + sigma_s eps_hat; noise=z: the re-noising step
+    x_s = alpha_s x0 + sigma_s z (consistency / DMD2 multi-step sampling). backend "auto" uses
+    the Triton kernel on CUDA tensors and the torch reference elsewhere.
+    """
+    if bound not in BOUNDS:
+        raise ValueError(f"bound must be one of {BOUNDS}, got {bound!r}")
+    use_triton = backend == "triton" or (backend == "auto" and x.is_cuda and triton is not None)
+    fn = reflected_step_triton if use_triton else reflected_step_torch
+    return fn(x, v, alpha_t, sigma_t, alpha_s, sigma_s, noise=noise, bound=bound)
+
+
+# ----------------------------------------------------------------------------------------------
+# samplers: plain functions over a v-denoiser `model(x, t[B], y) -> v`
+# ----------------------------------------------------------------------------------------------
+
+def time_grid(steps, t_max=1.0):
+    """K sampling steps: times 1 = tau_1 > ... > tau_K > tau_{K+1} = 0, evenly spaced in t."""
+    return torch.linspace(t_max, 0.0, steps + 1)
+
+
+def guided(model, y=None, w=0.0, null_class=None):
+    """A v-denoiser with classifier-free guidance: v = (1 + w) v(x, y) - w v(x, null)."""
+    if y is None or w == 0:
+        return lambda x, t: model(x, t, y)
+
+    def denoise(x, t):
+        v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]))
+        v_c, v_u = v.chunk(2)
+        return v_u + (1.0 + w) * (v_c - v_u)
+    return denoise
+
+
+@torch.no_grad()
+def ddim_sample(denoise, x, ts, bound="reflect", noises=None, return_states=False, backend="auto"):
+    """Deterministic DDIM from x at ts[0] through ts[1:]; noises[i] (optional) turns step i into
+    the re-noising step of consistency / DMD2 multi-step samplers.
+
+    Returns the final x0 (the last step lands on t = 0 with x_0 = x0_hat) and, with
+    return_states, the list of the states x at ts[:-1] that the sampler visited.
+    """
+    states = []
+    for i in range(len(ts) - 1):
+        states.append(x)
+        t, s = ts[i], ts[i + 1]
+        a_t, s_t = alpha_sigma(t)
+        a_s, s_s = alpha_sigma(s)
+        tb = torch.full((x.shape[0],), float(t), device=x.device)
+        v = denoise(x, tb)
+        z = noises[i] if noises is not None and float(s) > 0 else None
+        x, x0 = reflected_step(x, v, a_t, s_t, a_s, s_s, noise=z, bound=bound, backend=backend)
+        if float(s) == 0.0:
+            x = x0
+    return (x, states) if return_states else x
+
+
+def generate(net, n, steps, kind="ddim", bound="reflect", y=None, w=0.0, shape=None, device="cpu"):
+    """n images in [-1, 1] from noise with K = steps: kind "ddim" (teacher, PD student) or
+    "renoise" (consistency / DMD2 generator: x0_hat = net(x, tau_i), x = alpha x0_hat + sigma z)."""
+    cfg = unwrap(net).config
+    shape = shape or (cfg["in_ch"], cfg["resolution"], cfg["resolution"])
+    x = torch.randn(n, *shape, device=device)
+    noises = [torch.randn_like(x) for _ in range(steps)] if kind == "renoise" else None
+    return ddim_sample(guided(net, y, w, cfg["num_classes"]), x, time_grid(steps), bound, noises)
+
+
+# ----------------------------------------------------------------------------------------------
+# compact U-Net (v-prediction), time and optional class / guidance-weight conditioning
+# ----------------------------------------------------------------------------------------------
+
+MODEL_PRESETS = {
+    # ~0.7M params, 8x8 grayscale
+    "digits": dict(in_ch=1, ch=24, ch_mult=(1, 2, 2), num_res=1, attn_res=(2,), resolution=8),
+    # DDPM-like, ~35M params
+    "cifar10": dict(in_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res=2, attn_res=(16,),
+                    resolution=32, dropout=0.1),
+    # ADM-like widths, class-conditional
+    "imagenet64": dict(in_ch=3, ch=192, ch_mult=(1, 2, 3, 4), num_res=3, attn_res=(32, 16, 8),
+                       resolution=64, num_classes=1000, dropout=0.1),
+}
+
+
+def fourier(x, dim, max_period=10000.0):
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device) / half)
+    args = x.float()[:, None] * freqs[None]
+    return torch.cat([args.cos(), args.sin()], dim=1)
+
+
+def norm(ch):
+    return nn.GroupNorm(min(32, ch // 4), ch)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin, cout, emb, dropout=0.0):
+        super().__init__()
+        self.n1, self.c1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb, 2 * cout)  # scale and shift (FiLM)
+        self.n2, self.drop = norm(cout), nn.Dropout(dropout)
+        self.c2 = nn.Conv2d(cout, cout, 3, padding=1)
+        nn.init.zeros_(self.c2.weight), nn.init.zeros_(self.c2.bias)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.c1(F.silu(self.n1(x)))
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.n2(h) * (1 + scale) + shift
+        return self.skip(x) + self.c2(self.drop(F.silu(h)))
+
+
+class Attention(nn.Module):
+    def __init__(self, ch, head_dim=64):
+        super().__init__()
+        self.heads = max(1, ch // head_dim)
+        self.norm, self.qkv, self.proj = norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight), nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
+        h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class UNet(nn.Module):
+    """v-prediction U-Net. forward(x, t, y=None, w=None, return_features=False).
+
+    t in [0, 1]; y class labels with `num_classes` as the null label (classifier-free guidance);
+    w a guidance-weight input (LCM), zero-initialised so a student starts equal to its teacher;
+    return_features also returns the bottleneck feature map (DMD2's GAN head reads it).
+    """
+
+    def __init__(self, in_ch=1, ch=32, ch_mult=(1, 2, 2), num_res=2, attn_res=(), resolution=8,
+                 num_classes=0, dropout=0.0, w_embed=False):
+        super().__init__()
+        self.config = dict(in_ch=in_ch, ch=ch, ch_mult=tuple(ch_mult), num_res=num_res,
+                           attn_res=tuple(attn_res), resolution=resolution,
+                           num_classes=num_classes, dropout=dropout, w_embed=w_embed)
+        self.num_classes, emb = num_classes, 4 * ch
+        self.t_mlp = nn.Sequential(nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.y_emb = nn.Embedding(num_classes + 1, emb) if num_classes else None
+        self.w_mlp = nn.Sequential(nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb)) if w_embed else None
+        if w_embed:
+            nn.init.zeros_(self.w_mlp[2].weight), nn.init.zeros_(self.w_mlp[2].bias)
+        self.inp = nn.Conv2d(in_ch, ch, 3, padding=1)
+        self.down, chans, c, res = nn.ModuleList(), [ch], ch, resolution
+        for i, m in enumerate(ch_mult):
+            for _ in range(num_res):
+                self.down.append(nn.ModuleList([ResBlock(c, ch * m, emb, dropout),
+                                                Attention(ch * m) if res in attn_res else nn.Identity()]))
+                c = ch * m
+                chans.append(c)
+            if i < len(ch_mult) - 1:
+                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                chans.append(c)
+                res //= 2
+        self.mid = nn.ModuleList([ResBlock(c, c, emb, dropout), Attention(c), ResBlock(c, c, emb, dropout)])
+        self.mid_ch = c
+        self.up = nn.ModuleList()
+        for i, m in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res + 1):
+                self.up.append(nn.ModuleList([ResBlock(c + chans.pop(), ch * m, emb, dropout),
+                                              Attention(ch * m) if res in attn_res else nn.Identity()]))
+                c = ch * m
+            if i > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                             nn.Conv2d(c, c, 3, padding=1)))
+                res *= 2
+        self.out = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, in_ch, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight), nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x, t, y=None, w=None, return_features=False):
+        emb = self.t_mlp(fourier(1000.0 * t, self.t_mlp[0].in_features))
+        if self.y_emb is not None:
+            y = torch.full_like(t, self.num_classes, dtype=torch.long) if y is None else y
+            emb = emb + self.y_emb(y)
+        if self.w_mlp is not None and w is not None:
+            emb = emb + self.w_mlp(fourier(100.0 * w, self.w_mlp[0].in_features))
+        h = self.inp(x)
+        hs = [h]
+        for layer in self.down:
+            h = layer(h) if isinstance(layer, nn.Conv2d) else layer[1](layer[0](h, emb))
+            hs.append(h)
+        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
+        feats = h
+        for layer in self.up:
+            if isinstance(layer, nn.Sequential):
+                h = layer(h)
+            else:
+                h = layer[1](layer[0](torch.cat([h, hs.pop()], dim=1), emb))
+        v = self.out(h)
+        return (v, feats) if return_features else v
+
+
+def build_unet(preset=None, **overrides):
+    cfg = dict(MODEL_PRESETS[preset]) if preset else {}
+    cfg.update(overrides)
+    return UNet(**cfg)
+
+
+def num_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# EMA
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, parameters and buffers."""
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm.detach(), 1.0 - decay)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
+
+
+def unwrap(model):
+    """The module inside DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+# ----------------------------------------------------------------------------------------------
+# data: images in [-1, 1], NCHW float; labels long
+# ----------------------------------------------------------------------------------------------
+
+DATASETS = {  # channels, resolution, classes
+    "digits": (1, 8, 10), "mnist": (1, 28, 10), "cifar10": (3, 32, 10), "imagenet64": (3, 64, 1000),
+}
+
+
+def load_dataset(name, data_dir="data", train=True):
+    """Return (images uint8 [N, C, H, W], labels long [N]) held in memory.
+
+    digits: scikit-learn's load_digits, shipped with the package (no download).
+    cifar10 / mnist: torchvision's on-disk formats under data_dir (downloaded where online).
+    imagenet64: downsampled-ImageNet npz batches (`data` N x 12288 uint8, `labels` 1..1000)
+    or an ImageFolder of 64x64 images, under data_dir.
+    """
+    if name not in DATASETS:
+        fail(f"unknown --dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name == "digits":
+        from sklearn.datasets import load_digits
+        d = load_digits()
+        x = torch.from_numpy(np.round(d.images * 255.0 / 16.0).astype(np.uint8))[:, None]
+        return x, torch.from_numpy(d.target).long()
+    if name in ("cifar10", "mnist"):
+        import torchvision
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.MNIST
+        try:
+            ds = cls(data_dir, train=train, download=False)
+        except RuntimeError:
+            try:
+                ds = cls(data_dir, train=train, download=True)
+            except Exception as e:
+                fail(f"{name} not found under --data-dir {data_dir!r} and could not be downloaded "
+                     f"({type(e).__name__}); put the torchvision {name} files there")
+        x = torch.as_tensor(np.asarray(ds.data))
+        x = x.permute(0, 3, 1, 2) if x.dim() == 4 else x[:, None]
+        return x.contiguous(), torch.as_tensor(np.asarray(ds.targets)).long()
+    return _load_imagenet64(data_dir, train)
+
+
+def _load_imagenet64(data_dir, train):
+    import glob
+    files = sorted(glob.glob(os.path.join(data_dir, "train_data_batch_*.npz" if train else "val_data*.npz")))
+    if files:
+        xs, ys = [], []
+        for f in files:
+            d = np.load(f)
+            xs.append(d["data"].reshape(-1, 3, 64, 64))
+            ys.append(np.asarray(d["labels"]) - 1)  # 1..1000 -> 0..999
+        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)).long()
+    folder = os.path.join(data_dir, "train" if train else "val")
+    if os.path.isdir(folder):
+        import torchvision
+        ds = torchvision.datasets.ImageFolder(folder)
+        x = torch.stack([torch.as_tensor(np.asarray(ds.loader(p).convert("RGB").resize((64, 64))))
+                         for p, _ in ds.samples]).permute(0, 3, 1, 2)
+        return x.contiguous(), torch.as_tensor(ds.targets).long()
+    fail(f"imagenet64 not found under --data-dir {data_dir!r}: put the downsampled-ImageNet "
+         f"64x64 npz batches (train_data_batch_*.npz) or an ImageFolder ({folder}/<class>/*.png) there")
+
+
+def to_float(x_uint8):
+    return x_uint8.float() / 127.5 - 1.0
+
+
+class Batches:
+    """Infinite, seeded, rank-aware batches: epoch e is a permutation seeded by (seed, e), split
+    across ranks. A pure function of the step, so a resumed run sees the same batches."""
+
+    def __init__(self, data, batch_size, seed=0, rank=0, world=1, device="cpu"):
+        self.x, self.y = data
+        self.bs, self.seed, self.rank, self.world, self.device = batch_size, seed, rank, world, device
+        self.per_epoch = max(1, len(self.x) // (batch_size * world))
+        self._perm_epoch, self._perm = None, None
+
+    def get(self, step):
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.x), generator=g), epoch
+        start = (i * self.world + self.rank) * self.bs
+        idx = self._perm[start:start + self.bs]
+        if len(idx) < self.bs:  # datasets smaller than one global batch: wrap around
+            idx = self._perm[torch.arange(start, start + self.bs) % len(self.x)]
+        return to_float(self.x[idx]).to(self.device), self.y[idx].to(self.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# DDIL mixing buffer: data / teacher / student states, the heart of DDIL
+# ----------------------------------------------------------------------------------------------
+
+SOURCES = ("data", "teacher", "student")
+
+
+def source_counts(batch_size, betas):
+    """Per-source counts round(B * beta), the remainder going to the largest prior (sums to B)."""
+    counts = [int(round(batch_size * b)) for b in betas]
+    counts[int(np.argmax(betas))] += batch_size - sum(counts)
+    return counts
+
+
+class MixingBuffer:
+    """Replay buffer of rollout states (x_t, t, y) for one source ('teacher' or 'student').
+
+    Rollouts are expensive, so each iteration pushes a few fresh trajectories (every grid state of
+    each) and batches draw uniformly from the stored states. A ring of `capacity` states refreshed
+    with `refresh` trajectories of T grid states per iteration keeps no state longer than
+    ceil(capacity / (refresh * T)) iterations: that is the staleness bound.
+    States are stored detached, on the device and in the dtype they were pushed with.
+    """
+
+    def __init__(self, capacity):
+        self.capacity, self.size, self.ptr, self.pushes = capacity, 0, 0, 0
+        self.x = self.t = self.y = self.born = None
+
+    def __len__(self):
+        return self.size
+
+    def push(self, x, t, y=None):
+        """Store states x [N, ...] at times t [N] (labels y [N] or None); oldest go first."""
+        x = x.detach()
+        n = x.shape[0]
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(n)
+        y = torch.full((n,), -1, dtype=torch.long, device=x.device) if y is None else y.detach().long()
+        if self.x is None:
+            self.x = x.new_empty((self.capacity, *x.shape[1:]))
+            self.t = t.new_empty(self.capacity)
+            self.y = y.new_empty(self.capacity)
+            self.born = torch.empty(self.capacity, dtype=torch.long, device=x.device)
+        idx = (self.ptr + torch.arange(min(n, self.capacity), device=x.device)) % self.capacity
+        self.x[idx], self.t[idx], self.y[idx] = x[-len(idx):], t[-len(idx):], y[-len(idx):]
+        self.born[idx] = self.pushes
+        self.ptr, self.size = int((self.ptr + n) % self.capacity), min(self.capacity, self.size + n)
+        self.pushes += 1
+
+    def sample(self, n, generator=None):
+        """n states drawn uniformly with replacement: (x [n, ...], t [n], y [n] with -1 = none)."""
+        idx = torch.randint(0, self.size, (n,), generator=generator).to(self.x.device)
+        return self.x[idx], self.t[idx], self.y[idx]
+
+    def state_dict(self):
+        return {k: getattr(self, k) for k in ("x", "t", "y", "born", "size", "ptr", "pushes")}
+
+    def load_state_dict(self, sd):
+        for k, v in sd.items():
+            setattr(self, k, v)
+
+
+def mixed_states(counts, data_states, buffers, rollouts, refresh, batch_t=None):
+    """Draw one DDIL batch of states: counts = (n_data, n_teacher, n_student).
+
+    data_states(n) -> (x_t, t, y): forward-diffused data at grid times (fresh every batch).
+    rollouts[src](n) -> (x_t, t, y): n fresh trajectories, every grid state, without grad.
+    Each iteration pushes `refresh` trajectories per used rollout source, more at first so the
+    buffer can serve the batch. Returns (x_t, t, y, source index [B]).
+    """
+    xs, ts, ys, srcs = [], [], [], []
+    for i, (name, n) in enumerate(zip(SOURCES, counts)):
+        if n == 0:
+            continue
+        if name == "data":
+            x, t, y = data_states(n)
+        else:
+            buf = buffers[name]
+            need = refresh if len(buf) >= n else max(refresh, n)
+            with torch.no_grad():
+                buf.push(*rollouts[name](need))
+            x, t, y = buf.sample(n)
+        xs.append(x), ts.append(t), ys.append(y)
+        srcs.append(torch.full((n,), i, dtype=torch.long, device=x.device))
+    return torch.cat(xs), torch.cat(ts), torch.cat(ys), torch.cat(srcs)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: atomic writes, weights_only loads, one-line shape errors
+# ----------------------------------------------------------------------------------------------
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then os.replace: a crash never leaves a half-written ckpt."""
+    if not is_main():
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.isfile(path):
+        fail(f"checkpoint {path!r} not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        fail(f"could not load checkpoint {path!r} ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+
+
+def load_weights(model, state_dict, what="model", strict=True):
+    """load_state_dict with a one-line error that names both shapes of the first mismatch."""
+    own = model.state_dict()
+    for k, v in state_dict.items():
+        if k in own and own[k].shape != v.shape:
+            fail(f"{what}: checkpoint tensor {k} has shape {tuple(v.shape)} but the model expects "
+                 f"{tuple(own[k].shape)}; use a checkpoint of the same --dataset / model preset")
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if strict and (missing or unexpected):
+        fail(f"{what}: checkpoint does not match the model (missing {missing[:3]}, unexpected "
+             f"{unexpected[:3]}); use a checkpoint of the same --dataset / model preset")
+
+
+# ----------------------------------------------------------------------------------------------
+# logging and images
+# ----------------------------------------------------------------------------------------------
+
+class Logger:
+    """A tqdm bar on rank 0 and one JSON line per log call in OUT/log.jsonl."""
+
+    def __init__(self, out, total, initial=0, desc=None):
+        self.main = is_main()
+        self.path, self.t0 = os.path.join(out, "log.jsonl"), time.time()
+        self.bar = None
+        if self.main:
+            from tqdm import tqdm
+            os.makedirs(out, exist_ok=True)
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
+                            disable=None, mininterval=1.0)
+
+    def log(self, step, **metrics):
+        if not self.main:
+            return
+        rec = {"step": step, "time": round(time.time() - self.t0, 3), **metrics}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float)})
+
+    def update(self, n=1):
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def save_grid(x, path, nrow=None):
+    """Save images in [-1, 1] as one PNG grid."""
+    import torchvision
+    if not is_main():
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2)
+    if x.shape[-1] < 32:  # small images (digits 8x8): upscale so the grid can be looked at
+        x = F.interpolate(x, scale_factor=32 // x.shape[-1], mode="nearest")
+    torchvision.utils.save_image(x, path, nrow=nrow or int(math.ceil(math.sqrt(len(x)))), padding=2)
+
+
+def write_json(obj, path):
+    if is_main():
+        with open(path, "w") as fh:
+            json.dump(obj, fh, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# teacher loading
+# ----------------------------------------------------------------------------------------------
+
+def default_teacher_path(dataset):
+    return os.path.join("runs", f"teacher-{dataset}", "ckpt.pt")
+
+
+def load_net(path, device="cpu"):
+    """The sampling network of any checkpoint this project writes, with its sampler kind.
+
+    Teacher checkpoints hold the EMA network under "ema"; student checkpoints hold the network
+    to sample with under "net" and say how under "sampler" ("ddim" or "renoise").
+    Returns (net in eval mode, sampler kind, checkpoint dict).
+    """
+    ck = load_checkpoint(path, map_location=device)
+    key = "net" if "net" in ck else "ema"
+    if key not in ck or "model_config" not in ck:
+        fail(f"{path} holds no network ('net' or 'ema' with 'model_config'): pass a ckpt.pt "
+             f"written by teacher.py or a method script")
+    model = UNet(**ck["model_config"]).to(device)
+    load_weights(model, ck[key], what=path)
+    return model.eval().requires_grad_(False), ck.get("sampler", "ddim"), ck
+
+
+def load_teacher(path, dataset, device="cpu"):
+    """The teacher's EMA network (eval mode, frozen) and its saved config dict.
+
+    With no path, runs/teacher-<dataset>/ckpt.pt; when that is missing, train it first through
+    teacher.py (saying so), so a method script runs end to end on a fresh machine.
+    """
+    if not path:
+        path = default_teacher_path(dataset)
+        if not os.path.isfile(path):
+            if is_main():
+                print(f"no teacher at {path}: training the default {dataset} teacher first "
+                      f"(python teacher.py --dataset {dataset})", flush=True)
+            import teacher
+            teacher.main(["--dataset", dataset, "--out", os.path.dirname(path)])
+            barrier()
+    model, _, ck = load_net(path, device)
+    if ck.get("config", {}).get("dataset") != dataset:
+        fail(f"teacher {path} was trained on {ck.get('config', {}).get('dataset')!r} but --dataset "
+             f"is {dataset!r}; pass a matching --teacher")
+    return model, ck["config"]

@@ -1,0 +1,151 @@
+"""Train the v-prediction diffusion teacher that the three methods distil.
+
+    t ~ U[0, 1],  x_t = alpha_t x0 + sigma_t eps,  v = alpha_t eps - sigma_t x0
+    loss = || v_theta(x_t, t, y) - v ||^2          (y dropped to the null class w.p. p_uncond)
+
+The cosine logSNR schedule and the U-Net live in common.py; the EMA network is the teacher.
+    python teacher.py                                   # digits, CPU, a few minutes
+    torchrun --nproc_per_node=8 teacher.py --dataset cifar10
+"""
+import copy
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common as C
+
+
+@dataclass
+class Config:
+    dataset: str = "digits"
+    data_dir: str = "data"
+    out: str = ""                # default runs/teacher-<dataset>
+    iters: int = 4000
+    batch_size: int = 128        # per process
+    lr: float = 2e-3
+    warmup: int = 200
+    ema: float = 0.999
+    grad_clip: float = 1.0
+    cond: bool = False           # class-conditional (null label for classifier-free guidance)
+    p_uncond: float = 0.1
+    seed: int = 0
+    device: str = ""
+    ckpt_every: int = 1000
+    log_every: int = 50
+    sample_steps: int = 64
+    bf16: bool = True            # autocast on CUDA only
+    compile: bool = False
+
+
+PRESETS = {
+    "cifar10": dict(iters=400_000, batch_size=64, lr=2e-4, warmup=5000, ema=0.9999, ckpt_every=10_000),
+    "imagenet64": dict(iters=400_000, batch_size=64, lr=1e-4, warmup=5000, ema=0.9999, cond=True,
+                       ckpt_every=10_000),
+    "mnist": dict(iters=20_000, lr=5e-4),
+}
+
+
+def build_model(cfg):
+    preset = cfg.dataset if cfg.dataset in C.MODEL_PRESETS else None
+    if preset is None:  # mnist: the digits network widened for 28x28
+        return C.build_unet("digits", resolution=28, ch=64, attn_res=(7,), num_classes=10 if cfg.cond else 0)
+    return C.build_unet(preset, num_classes=C.DATASETS[cfg.dataset][2] if cfg.cond else 0)
+
+
+def main(argv=None):
+    cfg = C.parse_config(Config, argv, PRESETS)
+    cfg.out = cfg.out or os.path.join("runs", f"teacher-{cfg.dataset}")
+    for name in ("iters", "batch_size", "log_every", "ckpt_every"):
+        if getattr(cfg, name) <= 0:
+            C.fail(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    rank, world, device = C.init_dist(cfg.device)
+    data = C.load_dataset(cfg.dataset, cfg.data_dir)
+    C.save_config(cfg, cfg.out)
+
+    model = build_model(cfg).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    ckpt_path, step = os.path.join(cfg.out, "ckpt.pt"), 0
+    if os.path.isfile(ckpt_path):
+        ck = C.load_checkpoint(ckpt_path, map_location=device)
+        if ck.get("model_config") != model.config:
+            C.fail(f"{ckpt_path} holds a model of another shape ({ck.get('model_config')}); "
+                   f"use a fresh --out or the same --dataset/--cond")
+        C.load_weights(model, ck["model"]), C.load_weights(ema, ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+        if C.is_main():
+            print(f"resuming from {ckpt_path} at step {step}", flush=True)
+    net = DDP(model) if world > 1 else model
+    if cfg.compile:
+        net = try_compile(net)
+    if C.is_main():
+        print(f"teacher: {C.num_params(model) / 1e6:.2f}M params, global batch "
+              f"{cfg.batch_size * world} ({world} x {cfg.batch_size}), {device}", flush=True)
+
+    batches = C.Batches(data, cfg.batch_size, cfg.seed, rank, world, device)
+    log = C.Logger(cfg.out, cfg.iters, step, desc="teacher")
+    null = model.num_classes
+
+    def checkpoint():
+        C.save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(),
+                                      "opt": opt.state_dict(), "step": step, "config": asdict(cfg),
+                                      "model_config": model.config})
+
+    while step < cfg.iters:
+        C.step_seed(cfg.seed, rank, step)
+        x0, y = batches.get(step)
+        if cfg.cond:
+            y = torch.where(torch.rand(y.shape, device=device) < cfg.p_uncond, null, y)
+        else:
+            y = None
+        t = torch.rand(x0.shape[0], device=device)
+        eps = torch.randn_like(x0)
+        alpha, sigma = (C.bcast(c, x0) for c in C.alpha_sigma(t))
+        x_t = alpha * x0 + sigma * eps
+        with C.autocast(device, cfg.bf16):
+            v_pred = net(x_t, t, y)
+        loss = F.mse_loss(v_pred.float(), C.v_from_x0_eps(x0, eps, alpha, sigma))
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        C.ema_update(ema, model, cfg.ema)
+        step += 1
+        log.update()
+        if step % cfg.log_every == 0 or step == cfg.iters:
+            loss_v = loss.item()
+            if loss_v != loss_v or abs(loss_v) == float("inf"):
+                C.fail(f"loss is {loss_v} at step {step}; the last good checkpoint is {ckpt_path}; "
+                       f"lower --lr and rerun (it resumes)")
+            log.log(step, loss=loss_v, lr=opt.param_groups[0]["lr"])
+        if step % cfg.ckpt_every == 0 or step == cfg.iters:
+            checkpoint()
+    log.close()
+
+    # 64-step DDIM samples from the EMA teacher, one per rank-seeded noise
+    torch.manual_seed(cfg.seed)
+    ch, res, _ = C.DATASETS[cfg.dataset]
+    x1 = torch.randn(64, ch, res, res, device=device)
+    y = torch.arange(64, device=device) % model.num_classes if cfg.cond else None
+    samples = C.ddim_sample(C.guided(ema, y, 0.0), x1, C.time_grid(cfg.sample_steps))
+    C.save_grid(samples, os.path.join(cfg.out, "samples.png"), nrow=8)
+    C.barrier()
+    return ema
+
+
+def try_compile(net):
+    try:
+        return torch.compile(net)
+    except Exception as e:  # pragma: no cover - depends on the platform's compiler
+        print(f"warning: torch.compile failed ({type(e).__name__}); running eagerly", flush=True)
+        return net
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""Shared fixtures. Every test runs on CPU; the repository root is importable."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """A digits teacher trained for a few iterations: a real checkpoint, in seconds."""
+    import teacher
+    out = tmp_path_factory.mktemp("teacher")
+    teacher.main(["--iters", "20", "--out", str(out), "--log-every", "10", "--sample-steps", "4",
+                  "--seed", "0"])
+    return str(out / "ckpt.pt")
