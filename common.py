@@ -43,6 +43,7 @@ def parse_config(cls, argv=None, presets=None):
     parser = argparse.ArgumentParser(
         description=(sys.modules["__main__"].__doc__ or "").split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.error = lambda msg: fail(f"{msg} (see --help)")  # one line, no usage dump
     for f in dataclasses.fields(cls):
         flag, default = "--" + f.name.replace("_", "-"), f.default
         if f.default_factory is not dataclasses.MISSING:
@@ -61,11 +62,7 @@ def parse_config(cls, argv=None, presets=None):
         known, _ = parser.parse_known_args(argv)
         if getattr(known, "dataset", None) in presets:
             parser.set_defaults(**presets[known.dataset])
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse printed the usage and the one-line error already
-        raise SystemExit(e.code if e.code else 0)
-    return cls(**vars(args))
+    return cls(**vars(parser.parse_args(argv)))
 
 
 def save_config(cfg, out):
@@ -511,9 +508,10 @@ def load_dataset(name, data_dir="data", train=True):
     """Return (images uint8 [N, C, H, W], labels long [N]) held in memory.
 
     digits: scikit-learn's load_digits, shipped with the package (no download).
-    cifar10 / mnist: torchvision's on-disk formats under data_dir (downloaded where online).
+    cifar10: CIFAR-10's python pickles under data_dir (downloaded where online).
+    mnist: torchvision's MNIST files under data_dir (downloaded where online).
     imagenet64: downsampled-ImageNet npz batches (`data` N x 12288 uint8, `labels` 1..1000)
-    or an ImageFolder of 64x64 images, under data_dir.
+    or an ImageFolder of images, under data_dir.
     """
     if name not in DATASETS:
         fail(f"unknown --dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -522,42 +520,112 @@ def load_dataset(name, data_dir="data", train=True):
         d = load_digits()
         x = torch.from_numpy(np.round(d.images * 255.0 / 16.0).astype(np.uint8))[:, None]
         return x, torch.from_numpy(d.target).long()
-    if name in ("cifar10", "mnist"):
+    if name == "cifar10":
+        return _load_cifar10(data_dir, train)
+    if name == "mnist":
         import torchvision
-        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.MNIST
-        try:
-            ds = cls(data_dir, train=train, download=False)
-        except RuntimeError:
-            try:
-                ds = cls(data_dir, train=train, download=True)
-            except Exception as e:
-                fail(f"{name} not found under --data-dir {data_dir!r} and could not be downloaded "
-                     f"({type(e).__name__}); put the torchvision {name} files there")
-        x = torch.as_tensor(np.asarray(ds.data))
-        x = x.permute(0, 3, 1, 2) if x.dim() == 4 else x[:, None]
-        return x.contiguous(), torch.as_tensor(np.asarray(ds.targets)).long()
+        split = "train" if train else "t10k"
+        raw = [os.path.join(data_dir, "MNIST", "raw", f"{split}-{k}-ubyte") for k in ("images-idx3", "labels-idx1")]
+        _download(lambda: torchvision.datasets.MNIST(data_dir, train=train, download=True),
+                  lambda: all(map(os.path.isfile, raw)),
+                  f"mnist not found under --data-dir {data_dir!r} (MNIST/raw/{split}-*-ubyte)")
+        ds = torchvision.datasets.MNIST(data_dir, train=train)
+        return ds.data[:, None].contiguous(), ds.targets.long()
     return _load_imagenet64(data_dir, train)
 
 
-def _load_imagenet64(data_dir, train):
-    import glob
-    files = sorted(glob.glob(os.path.join(data_dir, "train_data_batch_*.npz" if train else "val_data*.npz")))
-    if files:
-        xs, ys = [], []
-        for f in files:
-            d = np.load(f)
-            xs.append(d["data"].reshape(-1, 3, 64, 64))
-            ys.append(np.asarray(d["labels"]) - 1)  # 1..1000 -> 0..999
-        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)).long()
-    folder = os.path.join(data_dir, "train" if train else "val")
-    if os.path.isdir(folder):
+def _download(fetch, present, missing):
+    """Rank 0 fetches (torchvision verifies the archive's md5) while the others wait; then every
+    rank checks `present()` and stops with one line naming the directory where it is not."""
+    if not present():
+        if is_main():
+            try:
+                fetch()
+            except Exception as e:  # offline, or a corrupt download
+                fail(f"{missing} and could not be downloaded ({type(e).__name__}); put the files there")
+        barrier()
+        if not present():
+            fail(f"{missing}; put the files there")
+
+
+CIFAR_FILES = {True: [f"data_batch_{i}" for i in range(1, 6)], False: ["test_batch"]}
+
+
+def _load_cifar10(data_dir, train):
+    """CIFAR-10's python version (data_dir/cifar-10-batches-py, or data_dir itself): pickles with
+    `data` N x 3072 uint8 (R, G, B planes, each 32x32 row-major) and `labels` 0..9.
+
+    Read here rather than through torchvision.datasets.CIFAR10, which checks every file's md5
+    against the release: the format is all we need, and a cluster's re-packed copy or a test's
+    small fake files are as valid. torchvision still downloads (and checks) the archive.
+    """
+    import pickle
+    folder = os.path.join(data_dir, "cifar-10-batches-py")
+    if os.path.isfile(os.path.join(data_dir, CIFAR_FILES[train][0])):
+        folder = data_dir
+    paths = [os.path.join(folder, f) for f in CIFAR_FILES[train]]
+
+    def fetch():
         import torchvision
+        torchvision.datasets.CIFAR10(data_dir, train=train, download=True)
+    _download(fetch, lambda: all(map(os.path.isfile, paths)),
+              f"cifar10 not found under --data-dir {data_dir!r} (cifar-10-batches-py/"
+              f"{', '.join(CIFAR_FILES[train])})")
+    xs, ys = [], []
+    for p in paths:
+        with open(p, "rb") as fh:
+            d = pickle.load(fh, encoding="latin1")  # written by Python 2's cPickle
+        xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(d["labels"], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def _load_imagenet64(data_dir, train):
+    """Downsampled ImageNet 64x64 (Chrabaszcz et al. 2017): npz batches in data_dir or one folder
+    below (the release unpacks to Imagenet64_train_part1_npz/ ...), `data` N x 12288 uint8 (R, G,
+    B planes, each 64x64 row-major) and `labels` 1..1000. Otherwise an ImageFolder
+    data_dir/{train,val}/<class>/<image>, box-downsampled to 64x64 where larger.
+    """
+    import glob
+    pattern = "train_data_batch_*.npz" if train else "val_data*.npz"
+    files = glob.glob(os.path.join(data_dir, pattern)) + glob.glob(os.path.join(data_dir, "*", pattern))
+    files.sort(key=lambda f: (len(os.path.basename(f)), os.path.basename(f)))  # batch_2 before _10
+    if files:
+        # npz members load lazily: count the labels first, then fill one preallocated array, so
+        # peak memory is the dataset (15.7 GB for the full train set), not twice that
+        counts = [len(np.load(f)["labels"]) for f in files]
+        x, y = np.empty((sum(counts), 3, 64, 64), np.uint8), np.empty(sum(counts), np.int64)
+        i = 0
+        for f, n in zip(files, counts):
+            with np.load(f) as d:
+                if d["data"].shape != (n, 3 * 64 * 64):
+                    fail(f"{f}: `data` has shape {d['data'].shape}, expected ({n}, 12288): "
+                         f"use the 64x64 downsampled-ImageNet npz batches")
+                x[i:i + n] = d["data"].reshape(n, 3, 64, 64)
+                y[i:i + n] = d["labels"]
+            i += n
+        if y.min() < 1 or y.max() > 1000:
+            fail(f"imagenet64 labels under {data_dir!r} span {y.min()}..{y.max()}, expected 1..1000 "
+                 f"as in the downsampled-ImageNet release")
+        return torch.from_numpy(x), torch.from_numpy(y - 1)  # labels 1..1000 -> 0..999
+    folder = os.path.join(data_dir, "train" if train else "val")
+    if not os.path.isdir(folder):
+        fail(f"imagenet64 not found under --data-dir {data_dir!r}: put the downsampled-ImageNet "
+             f"64x64 npz batches ({pattern}) or an ImageFolder ({folder}/<class>/*.png) there")
+    import torchvision
+    from PIL import Image
+    try:
         ds = torchvision.datasets.ImageFolder(folder)
-        x = torch.stack([torch.as_tensor(np.asarray(ds.loader(p).convert("RGB").resize((64, 64))))
-                         for p, _ in ds.samples]).permute(0, 3, 1, 2)
-        return x.contiguous(), torch.as_tensor(ds.targets).long()
-    fail(f"imagenet64 not found under --data-dir {data_dir!r}: put the downsampled-ImageNet "
-         f"64x64 npz batches (train_data_batch_*.npz) or an ImageFolder ({folder}/<class>/*.png) there")
+    except (FileNotFoundError, OSError) as e:
+        fail(f"imagenet64 ImageFolder {folder!r} holds no images ({type(e).__name__}); "
+             f"expected {folder}/<class>/*.png")
+    if len(ds.classes) > DATASETS["imagenet64"][2]:
+        fail(f"ImageFolder {folder!r} has {len(ds.classes)} classes; imagenet64 models have at most 1000")
+    x = np.empty((len(ds), 64, 64, 3), np.uint8)
+    for i, (path, _) in enumerate(ds.samples):
+        im = ds.loader(path)  # PIL, converted to RGB
+        x[i] = np.asarray(im if im.size == (64, 64) else im.resize((64, 64), Image.BOX))
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(ds.targets).long()
 
 
 def to_float(x_uint8):
@@ -583,7 +651,8 @@ class Batches:
         idx = self._perm[start:start + self.bs]
         if len(idx) < self.bs:  # datasets smaller than one global batch: wrap around
             idx = self._perm[torch.arange(start, start + self.bs) % len(self.x)]
-        return to_float(self.x[idx]).to(self.device), self.y[idx].to(self.device)
+        # move uint8 and convert on the device: a quarter of the host-to-device bytes
+        return to_float(self.x[idx].to(self.device)), self.y[idx].to(self.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -722,6 +791,11 @@ class Logger:
         if self.main:
             from tqdm import tqdm
             os.makedirs(out, exist_ok=True)
+            if os.path.isfile(self.path):  # resuming: drop records past the checkpoint's step
+                with open(self.path) as fh:
+                    keep = [ln for ln in fh if json.loads(ln).get("step", 0) <= initial]
+                with open(self.path, "w") as fh:
+                    fh.writelines(keep)
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
                             disable=None, mininterval=1.0)
 

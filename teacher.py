@@ -65,6 +65,7 @@ def main(argv=None):
     data = C.load_dataset(cfg.dataset, cfg.data_dir)
     C.save_config(cfg, cfg.out)
 
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank and in every run
     model = build_model(cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)

@@ -4,6 +4,10 @@ import sys
 
 import pytest
 
+# Tests use small tensors, and some start two torchrun ranks on a 2-core machine: one intra-op
+# thread per process avoids oversubscription (set before torch is imported, inherited by children).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 

@@ -1,0 +1,97 @@
+"""teacher.py end to end: outputs, exact resume, DDP ranks agree, one-line errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common as C
+import teacher
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--log-every", "5", "--sample-steps", "2", "--batch-size", "32"]
+
+
+def run(args, **kw):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, **kw)
+
+
+def weights(path, key="model"):
+    return torch.load(path, weights_only=True)[key]
+
+
+def test_teacher_writes_outputs(tiny_teacher):
+    out = os.path.dirname(tiny_teacher)
+    for f in ("ckpt.pt", "samples.png", "log.jsonl", "config.json"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    ck = torch.load(tiny_teacher, weights_only=True)
+    assert ck["step"] == 20 and ck["config"]["dataset"] == "digits"
+    logs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["step"] for r in logs] == [10, 20] and all(r["loss"] > 0 for r in logs)
+    net, cfg = C.load_teacher(tiny_teacher, "digits")
+    assert not any(p.requires_grad for p in net.parameters()) and cfg["iters"] == 20
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    teacher.main(["--iters", "12", "--ckpt-every", "6", "--out", a, *FAST])
+    teacher.main(["--iters", "6", "--ckpt-every", "6", "--out", b, *FAST])  # "interrupted" at 6
+    teacher.main(["--iters", "12", "--ckpt-every", "6", "--out", b, *FAST])  # resumes from 6
+    for key in ("model", "ema"):
+        wa, wb = weights(os.path.join(a, "ckpt.pt"), key), weights(os.path.join(b, "ckpt.pt"), key)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), key
+    steps = [json.loads(line)["step"] for line in open(os.path.join(b, "log.jsonl"))]
+    assert steps == sorted(set(steps))  # the resumed log has no duplicated records
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_agree(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import sys, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import teacher\n"
+        "ema = teacher.main(sys.argv[1:])\n"
+        "torch.save(ema.state_dict(), sys.argv[sys.argv.index('--out') + 1] + f'/rank{dist.get_rank()}.pt')\n")
+    out = str(tmp_path / "ddp")
+    r = run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(driver),
+             "--iters", "4", "--out", out, *FAST], timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "global batch 64 (2 x 32)" in r.stdout
+    w0, w1 = (torch.load(f"{out}/rank{i}.pt", weights_only=True) for i in (0, 1))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    ck = torch.load(f"{out}/ckpt.pt", weights_only=True)
+    assert all(torch.equal(ck["ema"][k], w0[k]) for k in w0)
+    # the ranks saw different data: one process with the same seed ends elsewhere
+    single = str(tmp_path / "single")
+    teacher.main(["--iters", "4", "--out", single, *FAST])
+    w = weights(os.path.join(single, "ckpt.pt"), "ema")
+    assert not all(torch.equal(w[k], w0[k]) for k in w)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--bogus", "1"], "unrecognized arguments"),
+    (["--iters", "abc"], "invalid int value"),
+    (["--iters", "0"], "--iters must be positive"),
+    (["--dataset", "svhn"], "unknown --dataset"),
+    (["--dataset", "imagenet64", "--data-dir", "/nonexistent"], "not found under --data-dir"),
+])
+def test_bad_input_is_a_one_line_error(args, msg, tmp_path):
+    r = run(["teacher.py", *args, "--out", str(tmp_path / "o")], timeout=120)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], r.stderr
+    assert not os.path.exists(tmp_path / "o" / "ckpt.pt")
+
+
+def test_checkpoint_of_another_model_is_refused(tiny_teacher, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    ck = torch.load(tiny_teacher, weights_only=True)
+    torch.save(ck, out / "ckpt.pt")
+    r = run(["teacher.py", "--out", str(out), "--cond"], timeout=120)  # class-conditional != ckpt
+    assert r.returncode != 0 and r.stderr.strip().startswith("error:") and "another shape" in r.stderr
+    with pytest.raises(SystemExit, match="trained on 'digits'"):
+        C.load_teacher(tiny_teacher, "mnist")
