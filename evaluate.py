@@ -1,0 +1,498 @@
+"""Measure samples honestly: FD / KID / precision-recall / class entropy, and covariate shift.
+
+digits: features from a small CNN classifier that this file trains deterministically (fixed seed,
+fixed split) and caches under runs/eval-cache/; its held-out accuracy is reported.
+cifar10 / imagenet64 / mnist: Inception features through torch-fidelity (optional dependency), so
+FD is the usual FID when run with 50k samples against the train split, as the published numbers.
+
+    python evaluate.py runs/teacher-digits/ckpt.pt --steps 1 2 4 8 16 64 --noise-floor
+    torchrun --nproc_per_node=8 evaluate.py runs/lcm_ddil-cifar10/ckpt.pt --steps 1 2 --num-samples 50000
+
+Metrics (real set vs generated set, features phi):
+    FD   = |mu_r - mu_g|^2 + tr(S_r + S_g - 2 (S_r^1/2 S_g S_r^1/2)^1/2)      Frechet distance
+    KID  = unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3 (Binkowski et al. 2018): all pairs up
+           to 5000 points a side, else the mean over 100 random subsets of 1000
+    precision = share of generated points inside some real point's k-NN ball, recall the converse
+                (Kynkaanniemi et al. 2019, k = 3)
+    entropy   = entropy (nats) of the feature classifier's class histogram of the samples
+                (digits only; uniform over 10 classes = ln 10 = 2.303)
+Digits features are divided by their RMS on real data, so FD is in units where a real feature
+vector has mean squared entry 1. `--noise-floor` says which differences are larger than chance.
+"""
+import argparse
+import hashlib
+import inspect
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common as C
+
+CACHE_DIR = os.path.join("runs", "eval-cache")
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics on feature sets [N, D]
+# ----------------------------------------------------------------------------------------------
+
+def _sqrt_psd(S):
+    """Square root of a symmetric PSD matrix by eigen-decomposition; tiny negative eigenvalues
+    (rounding on near-singular covariances) are clipped to 0, so no NaN and nothing complex."""
+    lam, U = torch.linalg.eigh(S)
+    return (U * lam.clamp(min=0).sqrt()) @ U.T
+
+
+def gaussian_stats(feats):
+    f = torch.as_tensor(feats).double().flatten(1)
+    return f.mean(0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])
+
+
+def frechet_distance(a, b):
+    """Frechet distance between Gaussians fitted to two feature sets, in float64.
+
+    tr((S_a S_b)^1/2) = tr((S_a^1/2 S_b S_a^1/2)^1/2): the inner matrix is symmetric PSD, so one
+    symmetric eigen-decomposition gives the trace without scipy's complex sqrtm.
+    """
+    (mu_a, S_a), (mu_b, S_b) = gaussian_stats(a), gaussian_stats(b)
+    r = _sqrt_psd(S_a)
+    M = r @ S_b @ r
+    tr_sqrt = torch.linalg.eigvalsh((M + M.T) / 2).clamp(min=0).sqrt().sum()
+    fd = (mu_a - mu_b).square().sum() + S_a.trace() + S_b.trace() - 2 * tr_sqrt
+    return max(float(fd), 0.0)  # rounding can leave -1e-12 for identical sets
+
+
+def kid(a, b, num_subsets=100, subset_size=1000, max_full=5000, seed=0):
+    """Unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3.
+
+    Sets of up to max_full points use every pair once (the digits case: exact, lower variance,
+    cheaper than 100 subsets); larger sets average num_subsets random subsets of subset_size."""
+    a, b = torch.as_tensor(a).double().flatten(1), torch.as_tensor(b).double().flatten(1)
+    d = a.shape[1]
+    k = lambda x, y: (x @ y.T / d + 1) ** 3
+
+    def mmd2(x, y):  # leave out the diagonal k(x_i, x_i) of the within-set terms: unbiased
+        n, m = len(x), len(y)
+        k_xx, k_yy = k(x, x), k(y, y)
+        return float((k_xx.sum() - k_xx.trace()) / (n * (n - 1))
+                     + (k_yy.sum() - k_yy.trace()) / (m * (m - 1)) - 2 * k(x, y).mean())
+    if max(len(a), len(b)) <= max_full:
+        return mmd2(a, b)
+    m, g = min(len(a), len(b), subset_size), torch.Generator().manual_seed(seed)
+    return sum(mmd2(a[torch.randperm(len(a), generator=g)[:m].to(a.device)],
+                    b[torch.randperm(len(b), generator=g)[:m].to(b.device)])
+               for _ in range(num_subsets)) / num_subsets
+
+
+def _kth_nn_radius(x, k, chunk=4096):
+    """Distance from each point to its k-th nearest neighbour in the same set (itself excluded)."""
+    return torch.cat([torch.cdist(x[i:i + chunk], x).kthvalue(k + 1, dim=1).values
+                      for i in range(0, len(x), chunk)])
+
+
+def _covered(points, centres, radii, chunk=4096):
+    """For each point: is it inside at least one ball (centre, radius)?"""
+    return torch.cat([(torch.cdist(points[i:i + chunk], centres) <= radii[None]).any(1)
+                      for i in range(0, len(points), chunk)])
+
+
+def precision_recall(real, fake, k=3):
+    """Kynkaanniemi et al. 2019: the real manifold is the union of balls around real points with
+    radius = distance to the k-th nearest real neighbour; precision = share of fake points on it.
+    Recall swaps the roles."""
+    real, fake = torch.as_tensor(real).double().flatten(1), torch.as_tensor(fake).double().flatten(1)
+    precision = _covered(fake, real, _kth_nn_radius(real, k)).double().mean()
+    recall = _covered(real, fake, _kth_nn_radius(fake, k)).double().mean()
+    return float(precision), float(recall)
+
+
+def entropy(labels, num_classes):
+    """Entropy in nats of the class histogram; ln(num_classes) when every class is equally common."""
+    p = torch.bincount(labels.flatten().cpu(), minlength=num_classes).double()
+    p = p[p > 0] / p.sum()
+    return max(0.0, float(-(p * p.log()).sum()))  # not -0.0 for a single class
+
+
+def compare(real_feats, fake_feats, device="cpu"):
+    """FD, KID, precision and recall of one feature set against a reference set.
+    The pairwise terms run on `device` (50k x 50k Inception features need a GPU)."""
+    real_feats, fake_feats = real_feats.to(device), fake_feats.to(device)
+    precision, recall = precision_recall(real_feats, fake_feats)
+    return {"fd": frechet_distance(real_feats, fake_feats), "kid": kid(real_feats, fake_feats),
+            "precision": precision, "recall": recall}
+
+
+# ----------------------------------------------------------------------------------------------
+# the digits feature network: a small CNN classifier, trained deterministically and cached
+# ----------------------------------------------------------------------------------------------
+
+FEAT_SEED, FEAT_HELDOUT, FEAT_EPOCHS, FEAT_BATCH, FEAT_LR = 0, 297, 20, 64, 2e-3
+
+
+def digits_classifier():
+    """8x8 -> 4x4 -> 2x2 conv trunk, a 64-d penultimate layer (the features), 10 logits.
+
+    feat_scale: the RMS of the training images' features. Their raw scale is arbitrary; divided
+    by it, x.y / d is ~1 as with Inception features, the regime KID's cubic kernel is made for."""
+    net = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(128, 64), nn.ReLU(),
+        nn.Linear(64, 10))
+    net.register_buffer("feat_scale", torch.ones(()))
+    return net
+
+
+def train_digits_classifier(data_dir="data"):
+    """Adam on a fixed split of the 1797 digits, fixed seed: the same weights on every run.
+    Returns (network in eval mode, held-out accuracy)."""
+    x, y = C.load_dataset("digits", data_dir)
+    x = C.to_float(x)
+    # one thread: the same summation order whatever the core count, and for a net this small
+    # also the fastest (2 threads on 2 busy cores were 10x slower)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():  # leave the caller's RNG as it was
+        torch.manual_seed(FEAT_SEED)
+        perm = torch.randperm(len(x))
+        test, train = perm[:FEAT_HELDOUT], perm[FEAT_HELDOUT:]
+        net = digits_classifier()
+        opt = torch.optim.Adam(net.parameters(), lr=FEAT_LR)
+        for _ in range(FEAT_EPOCHS):
+            for idx in train[torch.randperm(len(train))].split(FEAT_BATCH):
+                loss = F.cross_entropy(net(x[idx]), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    torch.set_num_threads(threads)
+    net.eval().requires_grad_(False)
+    with torch.no_grad():
+        net.feat_scale.copy_(net[:-1](x[train]).square().mean().sqrt())
+        acc = (net(x[test]).argmax(1) == y[test]).double().mean().item()
+    return net, acc
+
+
+def _code_version():
+    """Hash of the code that defines the classifier: a cache from other code is retrained."""
+    src = inspect.getsource(digits_classifier) + inspect.getsource(train_digits_classifier)
+    src += repr((FEAT_SEED, FEAT_HELDOUT, FEAT_EPOCHS, FEAT_BATCH, FEAT_LR))
+    return hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+_MEMO = {}
+
+
+def digits_features_net(cache_dir=CACHE_DIR, data_dir="data"):
+    """The cached digits classifier (trained on first use, ~10 s on CPU) and its held-out accuracy."""
+    key = ("digits", os.path.abspath(cache_dir))
+    if key in _MEMO:
+        return _MEMO[key]
+    path, version = os.path.join(cache_dir, "digits-classifier.pt"), _code_version()
+    ck = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
+    net = digits_classifier()
+    if ck is not None and ck.get("version") == version:
+        net.load_state_dict(ck["state_dict"])
+        net.eval().requires_grad_(False)
+        acc = ck["heldout_acc"]
+    else:
+        print(f"training the digits feature classifier into {path} (once; ~10 s)", flush=True)
+        net, acc = train_digits_classifier(data_dir)
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"  # atomic: two processes may train it at once
+        torch.save({"state_dict": net.state_dict(), "heldout_acc": acc, "version": version}, tmp)
+        os.replace(tmp, path)
+        print(f"digits feature classifier: held-out accuracy {acc:.4f}", flush=True)
+    _MEMO[key] = (net, acc)
+    return net, acc
+
+
+def to_uint8(x):
+    """Samples in [-1, 1] quantised exactly as images are stored (and as the real data is)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def digits_extractor(cache_dir=CACHE_DIR, data_dir="data"):
+    """uint8 images -> (penultimate-layer features [N, 64], predicted class [N])."""
+    net, _ = digits_features_net(cache_dir, data_dir)
+
+    @torch.no_grad()
+    def extract(x_uint8):
+        h = net[:-1](C.to_float(x_uint8.cpu()))
+        return h.double() / net.feat_scale.item(), net[-1](h).argmax(1)
+    return extract
+
+
+# ----------------------------------------------------------------------------------------------
+# Inception features (cifar10 / imagenet64 / mnist) through torch-fidelity, imported lazily
+# ----------------------------------------------------------------------------------------------
+
+def inception_extractor(device="cpu", weights="", batch=250):
+    """uint8 images -> (2048-d pool features of the TF-Inception FID network, None).
+
+    weights: a local pt_inception-2015-12-05 file; empty = torch-fidelity's own download."""
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError:
+        C.fail("Inception FID needs torch-fidelity: pip install torch-fidelity")
+    try:
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                          feature_extractor_weights_path=weights or None)
+    except Exception as e:
+        C.fail(f"could not load the Inception FID weights ({type(e).__name__}); offline machines: "
+               f"pass --inception-weights PATH to pt_inception-2015-12-05-6726825d.pth")
+    net = net.to(device).eval()
+
+    @torch.no_grad()
+    def extract(x_uint8):
+        x_uint8 = x_uint8.expand(-1, 3, -1, -1) if x_uint8.shape[1] == 1 else x_uint8
+        feats = [net(x_uint8[i:i + batch].to(device))[0].double().cpu()
+                 for i in range(0, len(x_uint8), batch)]
+        return torch.cat(feats), None
+    return extract
+
+
+REF_COUNT = 50_000  # published FIDs compare 50k samples with train-split statistics
+
+
+def real_features(dataset, data_dir="data", extractor=None, cache_dir=CACHE_DIR, name=""):
+    """Features of the reference set: all 1797 digits, or (up to) 50k train images, cached.
+
+    `name` keys the on-disk cache for non-digits extractors (e.g. "inception"); digits features
+    are recomputed (a fraction of a second) so they always match the cached classifier."""
+    key = (dataset, os.path.abspath(data_dir), os.path.abspath(cache_dir), name)
+    if key in _MEMO:
+        return _MEMO[key]
+    path = os.path.join(cache_dir, f"{dataset}-{name}-train.pt") if name else None
+    if path and os.path.isfile(path):
+        feats = torch.load(path, weights_only=True)
+    else:
+        x, _ = C.load_dataset(dataset, data_dir)
+        if len(x) > REF_COUNT:  # imagenet64: a fixed random 50k subset of the train split
+            x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:REF_COUNT]]
+        feats = extractor(x)[0]
+        if path:
+            os.makedirs(cache_dir, exist_ok=True)
+            torch.save(feats, path)
+    _MEMO[key] = feats
+    return feats
+
+
+# ----------------------------------------------------------------------------------------------
+# the contract: metrics of samples, of a network, and the teacher's reference rows
+# ----------------------------------------------------------------------------------------------
+
+def sample_metrics(samples, dataset="digits", data_dir="data", cache_dir=CACHE_DIR, extractor=None,
+                   name="", device="cpu", inception_weights=""):
+    """{fd, kid, precision, recall, entropy} of samples [N, C, H, W] in [-1, 1] against real data.
+
+    extractor(x_uint8) -> (features, predicted classes or None) replaces the default feature
+    network (digits classifier or Inception); `name` then names its cached real features."""
+    if extractor is None:
+        if dataset == "digits":
+            extractor = digits_extractor(cache_dir, data_dir)
+        else:
+            extractor, name = inception_extractor(device, inception_weights), "inception"
+    real = real_features(dataset, data_dir, extractor, cache_dir, name)
+    fake, classes = extractor(to_uint8(samples))
+    m = compare(real, fake, device)
+    m["entropy"] = entropy(classes, C.DATASETS[dataset][2]) if classes is not None else None
+    return m
+
+
+def sample(net, kind, steps, num_samples, bound="reflect", seed=0, device="cpu", y=None, w=0.0,
+           batch=500):
+    """num_samples images, split over ranks and gathered: every rank returns all of them.
+    Seeded per (seed, rank, batch) in a forked RNG, so the caller's random stream is untouched."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    per_rank = math.ceil(num_samples / world)
+    out = []
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        for i, start in enumerate(range(0, per_rank, batch)):
+            C.step_seed(seed, rank, i)
+            n = min(batch, per_rank - start)
+            lo = rank * per_rank + start
+            yb = y[lo:lo + n].to(device) if y is not None else None
+            if yb is not None and len(yb) < n:  # the last rank's tail past num_samples
+                yb = torch.cat([yb, y[:n - len(yb)].to(device)])
+            out.append(C.generate(net, n, steps, kind, bound, y=yb, w=w, device=device))
+    return C.all_gather_cat(torch.cat(out))[:num_samples]
+
+
+def evaluate_net(net, kind, steps, num_samples, dataset="digits", bound="reflect", seed=0,
+                 device="cpu", data_dir="data", y=None, w=0.0, cache_dir=CACHE_DIR,
+                 inception_weights=""):
+    """(metrics, samples) of a network sampled with K = steps; rank 0 computes the metrics and
+    every rank returns them."""
+    x = sample(net, kind, steps, num_samples, bound, seed, device, y, w)
+    m = [None]
+    if C.is_main():
+        m[0] = sample_metrics(x, dataset, data_dir, cache_dir, device=device,
+                              inception_weights=inception_weights)
+    if dist.is_initialized():
+        dist.broadcast_object_list(m, src=0)
+    return m[0], x
+
+
+def reference_rows(teacher, steps_list, num_samples, dataset="digits", bound="reflect", seed=0,
+                   device="cpu", data_dir="data", cache_dir=CACHE_DIR):
+    """{K: metrics} of the teacher's DDIM sampler at each K (report it beside every student)."""
+    return {int(K): evaluate_net(teacher, "ddim", int(K), num_samples, dataset, bound, seed, device,
+                                 data_dir, cache_dir=cache_dir)[0] for K in steps_list}
+
+
+# ----------------------------------------------------------------------------------------------
+# covariate shift: imitation error on forward-diffused data states vs on the student's own states
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def covariate_shift(error_fn, data_states, own_states):
+    """At each student grid time t: mean imitation error on data states and on own-rollout states,
+    their ratio (DAgger predicts > 1 for the baseline, ~1 with DDIL), and the pixel-space FD
+    between the two state sets. States: {t: x_t [n, C, H, W]}; error_fn(x_t, t) -> errors [n]."""
+    out = {"t": [], "err_data": [], "err_own": [], "ratio": [], "state_fd": []}
+    for t in sorted(data_states, reverse=True):  # sampling order: t = 1 first
+        e_data = float(error_fn(data_states[t], t).double().mean())
+        e_own = float(error_fn(own_states[t], t).double().mean())
+        out["t"].append(float(t))
+        out["err_data"].append(e_data)
+        out["err_own"].append(e_own)
+        out["ratio"].append(e_own / e_data if e_data > 0 else float("inf"))
+        out["state_fd"].append(frechet_distance(data_states[t].flatten(1), own_states[t].flatten(1)))
+    return out
+
+
+@torch.no_grad()
+def grid_states(net, kind, steps, n, dataset="digits", bound="reflect", seed=0, device="cpu",
+                data_dir="data"):
+    """The two inputs of covariate_shift at the K sampling times tau_1..tau_K: forward-diffused
+    real data, and the states the network's own sampler visits. Returns (data_states, own_states)."""
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(seed)
+        x, _ = C.load_dataset(dataset, data_dir)
+        x0 = C.to_float(x[torch.randint(0, len(x), (n,))]).to(device)
+        x1 = torch.randn_like(x0)
+        ts = C.time_grid(steps)
+        noises = [torch.randn_like(x0) for _ in range(steps)] if kind == "renoise" else None
+        _, own = C.ddim_sample(C.guided(net), x1, ts, bound, noises, return_states=True)
+        data_states, own_states = {}, {}
+        for t, xs in zip(ts[:-1].tolist(), own):
+            a, s = C.alpha_sigma(t)
+            data_states[t] = a * x0 + s * torch.randn_like(x0)
+            own_states[t] = xs
+    return data_states, own_states
+
+
+# ----------------------------------------------------------------------------------------------
+# noise floor and CLI
+# ----------------------------------------------------------------------------------------------
+
+def noise_floor(net, kind, steps, num_samples, dataset="digits", bound="reflect", seed=0,
+                device="cpu", data_dir="data", cache_dir=CACHE_DIR):
+    """What difference is meaningful. real_halves: two random halves of the real data against each
+    other; sample_sets: two independent sets of the sampler (seeds seed+1000, seed+1001) against
+    each other; vs_real: each of those two sets against the real data, as a table row is (their
+    difference is the seed-to-seed spread of a row)."""
+    res = [None]
+    xa = sample(net, kind, steps, num_samples, bound, seed + 1000, device)
+    xb = sample(net, kind, steps, num_samples, bound, seed + 1001, device)
+    if C.is_main():
+        if dataset == "digits":
+            extractor, name = digits_extractor(cache_dir, data_dir), ""
+        else:
+            extractor, name = inception_extractor(device), "inception"
+        real = real_features(dataset, data_dir, extractor, cache_dir, name)
+        perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))
+        half = len(real) // 2
+        fa, fb = extractor(to_uint8(xa))[0], extractor(to_uint8(xb))[0]
+        res[0] = {"real_halves": {"n": half, **compare(real[perm[:half]], real[perm[half:]], device)},
+                  "sample_sets": {"n": num_samples, "steps": steps, **compare(fa, fb, device)},
+                  "vs_real": [{"n": num_samples, "steps": steps, "seed": seed + 1000 + i,
+                               **compare(real, f, device)} for i, f in enumerate((fa, fb))]}
+    if dist.is_initialized():
+        dist.broadcast_object_list(res, src=0)
+    return res[0]
+
+
+def fmt_row(label, m):
+    ent = "-" if m.get("entropy") is None else f"{m['entropy']:.3f}"
+    return (f"{label:>12} {m['fd']:>10.4f} {m['kid']:>10.5f} {m['precision']:>9.3f} "
+            f"{m['recall']:>7.3f} {ent:>8}")
+
+
+HEADER = f"{'K':>12} {'fd':>10} {'kid':>10} {'precision':>9} {'recall':>7} {'entropy':>8}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Sample a checkpoint at several K and measure it.")
+    p.add_argument("ckpt", help="a ckpt.pt written by teacher.py or a method script")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--num-samples", type=int, default=2000)
+    p.add_argument("--bound", choices=C.BOUNDS, default=None, help="default: the checkpoint's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="", help="default: the checkpoint's directory")
+    p.add_argument("--device", default="")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--cache-dir", default=CACHE_DIR)
+    p.add_argument("--inception-weights", default="", help="local TF-Inception FID weights file")
+    p.add_argument("--noise-floor", action="store_true",
+                   help="also measure real-vs-real halves and two independent sample sets")
+    p.add_argument("--floor-steps", type=int, default=64)
+    args = p.parse_args(argv)
+    if min(args.steps) <= 0 or args.num_samples < 10 or args.floor_steps <= 0:
+        C.fail("--steps and --floor-steps must be positive and --num-samples at least 10")
+    _, _, device = C.init_dist(args.device)
+    net, kind, ck = C.load_net(args.ckpt, device)
+    cfg = ck.get("config", {})
+    dataset = cfg.get("dataset", "digits")
+    bound = args.bound or cfg.get("bound", "reflect")
+    out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
+    if dataset != "digits" and C.is_main():
+        inception_extractor(device, args.inception_weights)  # fail now, before any sampling
+    nc = net.num_classes
+    y = torch.arange(args.num_samples) % nc if nc else None  # conditional nets: balanced classes
+    t0, rows = time.time(), {}
+    if C.is_main():
+        print(f"{args.ckpt}: {dataset}, sampler {kind}, bound {bound}, {args.num_samples} samples, "
+              f"seed {args.seed}", flush=True)
+    for K in args.steps:
+        m, x = evaluate_net(net, kind, K, args.num_samples, dataset, bound, args.seed, device,
+                            args.data_dir, y=y, cache_dir=args.cache_dir,
+                            inception_weights=args.inception_weights)
+        rows[str(K)] = m
+        C.save_grid(x[:64], os.path.join(out, f"eval-K{K}.png"), nrow=8)
+    result = {"checkpoint": args.ckpt, "dataset": dataset, "sampler": kind, "bound": bound,
+              "num_samples": args.num_samples, "seed": args.seed, "rows": rows}
+    if dataset == "digits":
+        result["feature_net_heldout_acc"] = digits_features_net(args.cache_dir, args.data_dir)[1] \
+            if C.is_main() else None
+    if args.noise_floor:
+        result["noise_floor"] = noise_floor(net, kind, args.floor_steps, args.num_samples, dataset,
+                                            bound, args.seed, device, args.data_dir, args.cache_dir)
+    result["time_s"] = round(time.time() - t0, 2)
+    if C.is_main():
+        print(HEADER)
+        for K, m in rows.items():
+            print(fmt_row(K, m))
+        if args.noise_floor:
+            nf = result["noise_floor"]
+            print("noise floor:")
+            print(fmt_row("real/2 x2", nf["real_halves"]))
+            print(fmt_row(f"K{args.floor_steps} x2", nf["sample_sets"]))
+            for m in nf["vs_real"]:
+                print(fmt_row(f"K{args.floor_steps} s{m['seed']}", m))
+        if dataset == "digits":
+            print(f"feature classifier held-out accuracy {result['feature_net_heldout_acc']:.4f}; "
+                  f"entropy of a uniform class histogram {math.log(10):.3f}")
+        os.makedirs(out, exist_ok=True)
+        C.write_json(result, os.path.join(out, "eval-metrics.json"))
+        print(f"wrote {os.path.join(out, 'eval-metrics.json')} and eval-K*.png ({result['time_s']} s)")
+    C.barrier()
+    return result
+
+
+if __name__ == "__main__":
+    main()
