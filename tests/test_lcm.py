@@ -1,0 +1,155 @@
+"""lcm_ddil.py: boundary condition, target network, teacher solver, sampling grid, end to end, resume."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common as C
+import lcm_ddil as L
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def random_unet(seed=0, **kw):
+    """A small U-Net whose zero-initialised output layer is randomised, so v is not 0."""
+    torch.manual_seed(seed)
+    net = C.UNet(in_ch=1, ch=8, ch_mult=(1, 2), num_res=1, resolution=8, **kw)
+    torch.nn.init.normal_(net.out[-1].weight, std=0.3)
+    return net
+
+
+def test_boundary_condition_f_tends_to_x():
+    net = random_unet()
+    big_v = lambda x, t, y=None, w=None: torch.full_like(x, 100.0)  # x0_hat far from x near t = 0
+    x = 2 * torch.randn(6, 1, 8, 8)
+    c_skip, c_out = L.scalings(torch.tensor([0.0]))
+    assert c_skip.item() == 1.0 and c_out.item() == 0.0
+    with torch.no_grad():
+        t0 = torch.zeros(6)
+        a0, s0 = C.alpha_sigma(0.0)
+        assert (C.x0_from_v(x, big_v(x, t0), a0, s0) - x).abs().min() > 1e-3  # x0_hat(x, 0) != x
+        assert torch.equal(L.consistency_fn(big_v, x, t0), x)  # ... but f(x, 0) = x exactly
+        assert torch.equal(L.consistency_fn(net, x, t0), x)
+        errs = [(L.consistency_fn(big_v, x, torch.full((6,), t)) - x).abs().max().item()
+                for t in (1e-2, 1e-6, 1e-7, 1e-8, 1e-9)]
+        assert errs[0] > 0.5 and all(a > b for a, b in zip(errs, errs[1:])) and errs[-1] < 1e-3
+        # at the sampling times of K <= 4, f is x0_hat to float precision (the docstring's claim)
+        t = torch.full((6,), 0.25)
+        alpha, sigma = C.alpha_sigma(t[0])
+        x0 = C.x0_from_v(x, net(x, t), alpha, sigma)
+        assert L.scalings(0.25)[0].item() < 1e-7
+        assert torch.allclose(L.consistency_fn(net, x, t), x0, atol=1e-6)
+
+
+def test_target_ema0_is_student_and_gets_no_gradient():
+    student, teacher = random_unet(1), random_unet(2).requires_grad_(False)
+    x, n = torch.randn(8, 1, 8, 8), torch.tensor([1, 2, 3, 10, 20, 30, 47, 48])
+
+    target = L.make_target(student, 0.0)
+    assert target is student
+    L.consistency_loss(student, target, teacher, x, n, 48).mean().backward()
+    g_cd = [p.grad.clone() for p in student.parameters()]
+    # the same loss with the label computed beforehand as a constant: identical gradients, so
+    # nothing flowed through the target branch
+    student.zero_grad()
+    t, s = n / 48, (n - 1) / 48
+    with torch.no_grad():
+        label = L.consistency_fn(student, L.teacher_step(teacher, x, t, s), s, bound="reflect")
+    L.distance(L.consistency_fn(student, x, t), label).mean().backward()
+    for a, p in zip(g_cd, student.parameters()):
+        assert torch.allclose(a, p.grad, rtol=1e-5, atol=1e-8)
+    assert any(a.abs().sum() > 0 for a in g_cd)
+
+    # EMA target: a separate frozen copy that never gets a gradient, updated by lerp
+    target = L.make_target(student, 0.95)
+    assert target is not student and not any(p.requires_grad for p in target.parameters())
+    before = [p.clone() for p in target.parameters()]
+    student.zero_grad()
+    L.consistency_loss(student, target, teacher, x, n, 48).mean().backward()
+    assert all(p.grad is None for p in target.parameters())
+    torch.optim.SGD(student.parameters(), lr=0.1).step()
+    L.update_target(target, student, 0.95)
+    for b, pt, ps in zip(before, target.parameters(), student.parameters()):
+        assert torch.allclose(pt, 0.95 * b + 0.05 * ps, atol=1e-6)
+    L.update_target(student, student, 0.95)  # decay 0 / same net: a no-op
+
+
+@pytest.mark.parametrize("bound", C.BOUNDS)
+def test_teacher_step_is_commons_ddim_step(tiny_teacher, bound):
+    teacher, _, _ = C.load_net(tiny_teacher)
+    torch.nn.init.normal_(teacher.out[-1].weight, std=0.3)  # 20 iterations leave v ~ 0
+    grid = 48
+    n = torch.tensor([1, 1, 2, 12, 24, 36, 47, 48])
+    x = 1.5 * torch.randn(len(n), 1, 8, 8)
+    got = L.teacher_step(teacher, x, n / grid, (n - 1) / grid, bound=bound)
+    for i, k in enumerate(n.tolist()):
+        ts = torch.tensor([k / grid, (k - 1) / grid])
+        want = C.ddim_sample(lambda z, t: teacher(z, t), x[i:i + 1], ts, bound)
+        assert torch.allclose(got[i:i + 1], want, atol=1e-5), (bound, k)
+
+
+def test_guided_teacher_matches_commons_cfg():
+    teacher = random_unet(3, num_classes=3).requires_grad_(False)
+    x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), torch.tensor([0, 1, 2, 1])
+    want = C.guided(teacher, y, 2.5, 3)(x, t)
+    assert torch.allclose(L.teacher_v(teacher, x, t, y, torch.full((4,), 2.5)), want, atol=1e-5)
+
+
+def test_sampling_times_on_grid_and_off_grid_error():
+    for K, grid in [(1, 48), (2, 48), (4, 48), (8, 48), (3, 48), (4, 20)]:
+        taus = L.sampling_times(K, grid)
+        assert taus[0] == 1 and taus[-1] == 0 and len(taus) == K + 1
+        assert torch.allclose(taus * grid, (taus * grid).round(), atol=1e-4)
+    with pytest.raises(SystemExit, match="not on the --grid 50"):
+        L.sampling_times(4, 50)
+    r = subprocess.run([sys.executable, "lcm_ddil.py", "--steps", "5", "--grid", "48",
+                        "--out", "/nonexistent/never-written"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--grid" in lines[0], r.stderr
+
+
+def run(tmp_path, teacher, out, iters, **extra):
+    args = {"teacher": teacher, "out": str(tmp_path / out), "iters": iters, "batch-size": 8,
+            "ckpt-every": 2, "log-every": 1, "eval-samples": 16, "teacher-steps": 8,
+            "beta-data": 0.5, "beta-teacher": 0.25, "beta-student": 0.25,
+            "buffer-size": 32, "refresh": 2, "refresh-every": 2, "seed": 3, **extra}
+    argv = [s for k, v in args.items() for s in (f"--{k}", str(v))]
+    return L.main(argv)
+
+
+def test_end_to_end_writes_outputs_and_resume_is_exact(tmp_path, tiny_teacher):
+    run(tmp_path, tiny_teacher, "full", 4)
+    out = tmp_path / "full"
+    for f in ("ckpt.pt", "log.jsonl", "samples.png", "metrics.json", "config.json"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["student"]) == {"1", "2", "4"} and set(m["teacher"]) == {"1", "2", "4", "8"}
+    for row in list(m["student"].values()) + list(m["teacher"].values()):
+        assert {"fd", "kid", "precision", "recall", "entropy"} <= set(row)
+    cs = m["covariate_shift"]
+    assert cs["t"] == [1.0, 0.75, 0.5, 0.25] and len(cs["ratio"]) == 4
+    assert m["it_per_s"] > 0 and m["config"]["steps"] == 4
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3, 4]
+    assert {"loss_data", "loss_teacher", "loss_student"} <= set(logs[0])
+    net, sampler, ck = C.load_net(str(out / "ckpt.pt"))  # evaluate.py's entry point
+    assert sampler == "renoise" and ck["steps"] == 4 and ck["step"] == 4
+
+    # interrupted after step 2 (a checkpoint), then resumed: bit-identical to the full run
+    run(tmp_path, tiny_teacher, "resumed", 2)
+    run(tmp_path, tiny_teacher, "resumed", 4)
+    a = torch.load(out / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
+    for key in ("net", "target"):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    for name in ("teacher", "student"):
+        assert torch.equal(a["buffers"][name]["x"], b["buffers"][name]["x"]), name
+    first = {k: v for k, v in C.load_checkpoint(str(out / "ckpt.pt"))["net"].items()}
+    teacher_sd = C.load_net(tiny_teacher)[0].state_dict()
+    assert any(not torch.equal(first[k], teacher_sd[k]) for k in teacher_sd)  # it trained
