@@ -1,0 +1,376 @@
+"""DMD2 + DDIL: distil a v-prediction teacher into a K-step generator by distribution matching.
+
+Three networks, all initialised from the teacher: the real score T (the frozen teacher), the fake
+score F (trainable: it tracks the score of G's samples) and the generator G (trainable). At sampling
+time tau_i, G maps a state x to a sample  x0 = bound(alpha x - sigma v_G(x, tau_i)); K-step sampling
+re-noises in between, x_{tau_{i+1}} = alpha x0 + sigma z (common.generate kind "renoise").
+
+Distribution matching (DMD) on G's sample x, per sample:
+    t ~ U[0.02, 0.98],  x_t = alpha_t x + sigma_t eps
+    p_real = x - T_x0(x_t),  p_fake = x - F_x0(x_t)
+    grad   = (p_real - p_fake) / mean_CHW |p_real|
+    L_DM   = 0.5 ||x - sg(x - grad)||^2            (so dL/dx = grad: the KL gradient, normalised)
+Fake score: the teacher's v loss on sg(x) at t ~ U[0, 1].
+GAN: a small head D on F's bottleneck features, noised data vs noised G samples, non-saturating:
+    L_G += gan_weight * softplus(-D(x_t)),   L_D = disc_weight * (softplus(-D(real_t)) + softplus(D(x_t)))
+Two time scales: F and D step every iteration, G every --fake-updates iterations.
+
+G's inputs, the DDIL part. DMD2 trains a multi-step G on its own "backward simulation": noise ->
+G -> re-noise -> G ... stopped at a grid time tau_i, without grad. DDIL replaces that input
+distribution by the mixture of common.mixed_states, with priors
+    beta_data    real data forward-diffused to tau_i,
+    beta_teacher the teacher's DDIM rollout (--teacher-substeps steps per student step) to tau_i,
+    beta_student G's own backward simulation (DMD2's input distribution),
+served through MixingBuffers. Original DMD2 = --beta-data 0 --beta-teacher 0 --beta-student 1
+--bound none. With K = 1 the only input time is tau_1 = 1: G's input is pure noise whatever the
+betas, and DDIL changes nothing there but the bound on G's sample.
+
+Choices and deviations (DMD2 code: tianweiy/DMD2):
+- The real/fake x0 in the DM gradient are the raw network predictions (no bound): they stand for
+  scores, not sampler steps. --bound acts on G's sample, every rollout and the evaluation.
+- The 1/2 ||.||^2 is a mean over elements as in DMD2's code, so the published GAN weights apply.
+- The GAN noise level is drawn like the DM one, t ~ U[0.02, 0.98]; the real images are the step's
+  data batch, which also feeds the data source of the mixture.
+- Backward-simulation states go through the same buffer as DDIL's (staleness <= ceil(buffer_size /
+  (refresh K)) iterations) instead of fresh rollouts per batch, so baseline and DDIL differ only in
+  the betas and the bound.
+- Covariate-shift diagnostic: G's imitation error at a state x_t is the per-sample MSE between
+  G's sample and the teacher's DDIM sample from the same x_t (teacher_substeps steps per student
+  step down to 0): G is trained to sample, so the teacher's *sample* from that state, not its
+  one-step x0 mean, is the label it should imitate.
+    python dmd2_ddil.py                        # digits, CPU, 4-step G with DDIL
+    python dmd2_ddil.py --beta-data 0 --beta-teacher 0 --beta-student 1 --bound none   # DMD2
+"""
+import copy
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common as C
+
+
+@dataclass
+class Config:
+    dataset: str = "digits"
+    data_dir: str = "data"
+    out: str = ""                  # default runs/dmd2_ddil-<dataset>
+    iters: int = 1500
+    batch_size: int = 64           # per process
+    lr: float = 1e-4               # G and F (with the GAN head) alike
+    seed: int = 0
+    device: str = ""
+    ckpt_every: int = 500
+    log_every: int = 25
+    teacher: str = ""              # "" = runs/teacher-<dataset>/ckpt.pt (trained first if missing)
+    steps: int = 4                 # K, G's sampling steps
+    beta_data: float = 0.25
+    beta_teacher: float = 0.25
+    beta_student: float = 0.5
+    bound: str = "reflect"
+    buffer_size: int = 256         # states per rollout source
+    refresh: int = 4               # fresh trajectories per source per iteration
+    teacher_substeps: int = 8      # teacher DDIM steps per student step (rollouts, diagnostic labels)
+    fake_updates: int = 5          # G steps once per this many F steps (two time-scale rule)
+    gan_weight: float = 3e-3       # 0 turns the GAN off
+    disc_weight: float = 1e-2
+    guidance: float = 0.0          # classifier-free guidance on the real score (conditional teachers)
+    t_min: float = 0.02            # DM and GAN noise levels t ~ U[t_min, t_max]
+    t_max: float = 0.98
+    grad_clip: float = 10.0
+    eval_samples: int = 2000
+    shift_samples: int = 256       # states per grid time in the covariate-shift diagnostic
+    bf16: bool = True              # autocast on CUDA only
+    CHOICES = {"bound": C.BOUNDS}  # not a field: parse_config's argparse choices
+
+
+# ---- the losses -------------------------------------------------------------------------------
+
+def coefs(t, x):
+    return (C.bcast(c, x) for c in C.alpha_sigma(t))
+
+
+def x0_of(denoise, x, t):
+    """x0_hat = alpha x - sigma v of a v-denoiser(x, t) (fp32)."""
+    alpha, sigma = coefs(t, x)
+    return C.x0_from_v(x, denoise(x, t).float(), alpha, sigma)
+
+
+def dm_grad(x, x0_real, x0_fake):
+    """DMD gradient (p_real - p_fake) / mean_CHW |p_real|; it points from the data towards G's
+    distribution, so x - grad moves G's samples towards the data."""
+    p_real, p_fake = x - x0_real, x - x0_fake
+    return torch.nan_to_num((p_real - p_fake) / p_real.abs().mean(dim=(1, 2, 3), keepdim=True))
+
+
+def dm_loss(x, real, fake, t_min, t_max):
+    """0.5 ||x - sg(x - grad)||^2 at x_t = alpha x + sigma eps, t ~ U[t_min, t_max]; real / fake
+    are v-denoisers(x, t). Returns (loss, grad)."""
+    t = t_min + (t_max - t_min) * torch.rand(x.shape[0], device=x.device)
+    alpha, sigma = coefs(t, x)
+    x_t = alpha * x.detach() + sigma * torch.randn_like(x)
+    with torch.no_grad():
+        grad = dm_grad(x.detach(), x0_of(real, x_t, t), x0_of(fake, x_t, t))
+    return 0.5 * F.mse_loss(x, (x - grad).detach()), grad
+
+
+def gan_head(ch):
+    """Realism classifier on F's bottleneck features: two convs, pool, linear -> one logit."""
+    return nn.Sequential(nn.Conv2d(ch, ch, 3, padding=1), C.norm(ch), nn.SiLU(),
+                         nn.Conv2d(ch, ch, 3, padding=1), C.norm(ch), nn.SiLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ch, 1))
+
+
+def gan_g_loss(logits_fake):
+    return F.softplus(-logits_fake).mean()  # non-saturating: G wants D(fake) high
+
+
+def gan_d_loss(logits_real, logits_fake):
+    return F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
+
+
+def fake_score_loss(fake, head, x, real, y, y_real, gan, t_min, t_max):
+    """F's v loss on sg(x) at t ~ U[0, 1], plus D's loss on noised data vs noised x. One forward
+    pass over [x_t, real_t, fake_t] (DDP wants one). Returns (loss_v, loss_d or None)."""
+    x, B = x.detach(), x.shape[0]
+    t = torch.rand(B, device=x.device)
+    alpha, sigma = coefs(t, x)
+    eps = torch.randn_like(x)
+    x_t, v = alpha * x + sigma * eps, C.v_from_x0_eps(x, eps, alpha, sigma)
+    if not gan:
+        return F.mse_loss(fake(x_t, t, y).float(), v), None
+    tg = t_min + (t_max - t_min) * torch.rand(B, device=x.device)
+    ag, sg = coefs(tg, x)
+    inp = torch.cat([x_t, ag * real + sg * torch.randn_like(x), ag * x + sg * torch.randn_like(x)])
+    ys = None if y is None else torch.cat([y, y_real, y])
+    v_pred, feats = fake(inp, torch.cat([t, tg, tg]), ys, return_features=True)
+    logits_real, logits_fake = head(feats[B:]).float().squeeze(1).chunk(2)
+    return F.mse_loss(v_pred[:B].float(), v), gan_d_loss(logits_real, logits_fake)
+
+
+# ---- G's inputs: rollouts ---------------------------------------------------------------------
+
+@torch.no_grad()
+def backward_simulation(G, x1, taus, bound, y=None):
+    """DMD2's backward simulation: G's re-noising sampler from noise x1 at tau_1 to tau_K, no grad.
+    Returns the states at every grid time, [K * n] (tau-major) and their times."""
+    K = len(taus)
+    noises = [torch.randn_like(x1) for _ in range(K - 1)]
+    x, states = C.ddim_sample(lambda x, t: G(x, t, y), x1, taus, bound, noises, return_states=True)
+    return torch.cat(states + [x]), taus.to(x1.device).repeat_interleave(len(x1))
+
+
+@torch.no_grad()
+def teacher_rollout(T, x1, taus, substeps, bound, y=None, w=0.0):
+    """The teacher's DDIM from x1 at tau_1 down to tau_K on a grid `substeps` times finer; returns
+    the states at the student grid times, [K * n], and their times."""
+    K = len(taus)
+    fine = C.time_grid(K * substeps)[:(K - 1) * substeps + 1]
+    x, states = C.ddim_sample(C.guided(T, y, w, T.num_classes), x1, fine, bound, return_states=True)
+    return torch.cat(states[::substeps] + [x]), taus.to(x1.device).repeat_interleave(len(x1))
+
+
+@torch.no_grad()
+def teacher_sample_from(T, x_t, t, K, substeps, bound):
+    """The teacher's DDIM sample from states x_t at one student grid time t (the imitation label)."""
+    i = int(round((1.0 - t) * K))
+    return C.ddim_sample(C.guided(T), x_t, C.time_grid(K * substeps)[i * substeps:], bound)
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = C.parse_config(Config, argv)
+    cfg.out = cfg.out or os.path.join("runs", f"dmd2_ddil-{cfg.dataset}")
+    for name in ("iters", "batch_size", "log_every", "ckpt_every", "steps", "buffer_size", "refresh",
+                 "teacher_substeps", "fake_updates", "eval_samples", "shift_samples"):
+        if getattr(cfg, name) <= 0:
+            C.fail(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.gan_weight < 0 or cfg.disc_weight < 0:
+        C.fail("--gan-weight and --disc-weight must be >= 0")
+    if not 0.0 <= cfg.t_min < cfg.t_max <= 1.0:
+        C.fail(f"need 0 <= --t-min < --t-max <= 1, got {cfg.t_min}, {cfg.t_max}")
+    betas = C.check_betas(cfg.beta_data, cfg.beta_teacher, cfg.beta_student)
+    rank, world, device = C.init_dist(cfg.device)
+    data = C.load_dataset(cfg.dataset, cfg.data_dir)
+    T, _ = C.load_teacher(cfg.teacher, cfg.dataset, device)
+    C.save_config(cfg, cfg.out)
+
+    # students copy the teacher (without dropout, as in distillation practice)
+    student_config = {**T.config, "dropout": 0.0}
+    G = C.UNet(**student_config).to(device)
+    C.load_weights(G, T.state_dict(), what="generator")
+    fake = copy.deepcopy(G)
+    torch.manual_seed(cfg.seed)  # the head's random init: same seed, same run
+    head = gan_head(T.mid_ch).to(device)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr)
+    opt_f = torch.optim.Adam(list(fake.parameters()) + list(head.parameters()), lr=cfg.lr)
+    K, gan, cond = cfg.steps, cfg.gan_weight > 0, T.num_classes > 0
+    taus = C.time_grid(K)[:-1]
+    buffers = {"teacher": C.MixingBuffer(cfg.buffer_size), "student": C.MixingBuffer(cfg.buffer_size)}
+    ckpt_path, step, train_time = os.path.join(cfg.out, "ckpt.pt"), 0, 0.0
+    if os.path.isfile(ckpt_path):
+        ck = C.load_checkpoint(ckpt_path, map_location=device)
+        if ck.get("model_config") != G.config or ck.get("steps") != K:
+            C.fail(f"{ckpt_path} holds a generator of another shape or K ({ck.get('model_config')}, "
+                   f"K={ck.get('steps')}); use a fresh --out or the same --dataset/--steps")
+        C.load_weights(G, ck["net"], "generator"), C.load_weights(fake, ck["fake"], "fake score")
+        C.load_weights(head, ck["head"], "GAN head")
+        opt_g.load_state_dict(ck["opt_g"]), opt_f.load_state_dict(ck["opt_f"])
+        for name, sd in ck["buffers"].items():
+            buffers[name].load_state_dict(sd)
+        step, train_time = ck["step"], ck["train_time_s"]
+        if C.is_main():
+            print(f"resuming from {ckpt_path} at step {step}", flush=True)
+    G_train = DDP(G) if world > 1 else G
+    fake_train = DDP(fake) if world > 1 else fake
+    head_train = DDP(head) if world > 1 and gan else head
+    if C.is_main():
+        print(f"dmd2_ddil: K={K}, betas (data, teacher, student) = {betas}, bound {cfg.bound}, "
+              f"GAN {'on' if gan else 'off'}, global batch {cfg.batch_size * world}, {device}"
+              + ("; K = 1: G's input is pure noise, the betas do not apply" if K == 1 else ""), flush=True)
+
+    def labels(n):
+        return torch.randint(0, T.num_classes, (n,), device=device) if cond else None
+
+    def generator_inputs(real, y_real):
+        """(x, t, y) for G: pure noise when K = 1, else the DDIL mixture of states at the taus."""
+        B = real.shape[0]
+        if K == 1:
+            return torch.randn_like(real), torch.ones(B, device=device), labels(B)
+
+        def data_states(n):
+            t = taus.to(device)[torch.randint(0, K, (n,), device=device)]
+            alpha, sigma = coefs(t, real[:n])
+            y = y_real[:n] if cond else torch.full((n,), -1, device=device)  # -1: no label
+            return alpha * real[:n] + sigma * torch.randn_like(real[:n]), t, y
+
+        def rollout(fn):
+            def run(n):
+                x1, y = torch.randn(n, *real.shape[1:], device=device), labels(n)
+                with C.autocast(device, cfg.bf16):
+                    x, t = fn(x1, y)
+                return x.float(), t, None if y is None else y.repeat(K)
+            return run
+        rollouts = {"teacher": rollout(lambda x1, y: teacher_rollout(T, x1, taus, cfg.teacher_substeps,
+                                                                     cfg.bound, y, cfg.guidance)),
+                    "student": rollout(lambda x1, y: backward_simulation(G, x1, taus, cfg.bound, y))}
+        counts = C.source_counts(B, betas)
+        x, t, y, _ = C.mixed_states(counts, data_states, buffers, rollouts, cfg.refresh)
+        return x, t, (y if cond else None)
+
+    def checkpoint():
+        C.save_checkpoint(ckpt_path, {
+            "net": G.state_dict(), "model_config": G.config, "sampler": "renoise", "steps": K,
+            "config": asdict(cfg), "fake": fake.state_dict(), "head": head.state_dict(),
+            "opt_g": opt_g.state_dict(), "opt_f": opt_f.state_dict(), "step": step,
+            "buffers": {k: b.state_dict() for k, b in buffers.items()}, "train_time_s": train_time})
+
+    batches = C.Batches(data, cfg.batch_size, cfg.seed, rank, world, device)
+    log = C.Logger(cfg.out, cfg.iters, step, desc="dmd2_ddil")
+    while step < cfg.iters:
+        t0 = time.time()
+        C.step_seed(cfg.seed, rank, step)
+        real, y_real = batches.get(step)
+        x_in, t_in, y = generator_inputs(real, y_real)
+        g_step = step % cfg.fake_updates == 0
+        # generator turn: every iteration makes samples for F; every fake_updates-th one steps G
+        with torch.set_grad_enabled(g_step), C.autocast(device, cfg.bf16):
+            alpha, sigma = coefs(t_in, x_in)
+            x = C.bound_x0(C.x0_from_v(x_in, (G_train if g_step else G)(x_in, t_in, y).float(),
+                                       alpha, sigma), cfg.bound)
+        rec = {}
+        if g_step:
+            fake.requires_grad_(False), head.requires_grad_(False)  # G's loss steps G only
+            with C.autocast(device, cfg.bf16):
+                real_score = C.guided(T, y, cfg.guidance, T.num_classes)
+                loss_dm, _ = dm_loss(x, real_score, lambda x, t: fake(x, t, y), cfg.t_min, cfg.t_max)
+                loss_g = loss_dm
+                if gan:
+                    tg = cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(x.shape[0], device=device)
+                    ag, sg = coefs(tg, x)
+                    feats = fake(ag * x + sg * torch.randn_like(x), tg, y, return_features=True)[1]
+                    loss_gan = gan_g_loss(head(feats).float().squeeze(1))
+                    loss_g = loss_g + cfg.gan_weight * loss_gan
+                    rec["loss_gan_g"] = loss_gan.item()
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            torch.nn.utils.clip_grad_norm_(G.parameters(), cfg.grad_clip)
+            opt_g.step()
+            fake.requires_grad_(True), head.requires_grad_(True)
+            rec["loss_dm"] = loss_dm.item()
+        # fake-score turn (and the GAN head), every iteration
+        with C.autocast(device, cfg.bf16):
+            loss_f, loss_d = fake_score_loss(fake_train, head_train, x, real, y,
+                                             y_real if cond else None, gan, cfg.t_min, cfg.t_max)
+            loss = loss_f + (cfg.disc_weight * loss_d if gan else 0.0)
+        opt_f.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(fake.parameters()) + list(head.parameters()), cfg.grad_clip)
+        opt_f.step()
+        step += 1
+        train_time += time.time() - t0
+        log.update()
+        if step % cfg.log_every == 0 or step == cfg.iters:
+            rec.update(loss_fake=loss_f.item(), **({"loss_d": loss_d.item()} if gan else {}))
+            if any(v != v or abs(v) == float("inf") for v in rec.values()):
+                C.fail(f"a loss is not finite at step {step} ({rec}); the last good checkpoint is "
+                       f"{ckpt_path}; lower --lr and rerun (it resumes)")
+            log.log(step, **rec)
+        if step % cfg.ckpt_every == 0 or step == cfg.iters:
+            checkpoint()
+    log.close()
+
+    # ---- final evaluation: G at 1 and K steps, the teacher at the same K and at 64 -----------
+    import evaluate
+    G.eval()
+    ev = dict(dataset=cfg.dataset, bound=cfg.bound, seed=cfg.seed, device=device, data_dir=cfg.data_dir)
+    student, samples = {}, None
+    for k in sorted({1, K}):
+        student[str(k)], samples = evaluate.evaluate_net(G, "renoise", k, cfg.eval_samples, **ev)
+    teacher_rows = evaluate.reference_rows(T, sorted({1, K, 64}), cfg.eval_samples, **ev)
+    shift = covariate_shift(G, T, data, taus, cfg, device) if K > 1 else {}
+    if C.is_main():
+        C.save_grid(samples[:64], os.path.join(cfg.out, "samples.png"))
+        metrics = {"student": student, "teacher": {str(k): m for k, m in teacher_rows.items()},
+                   "covariate_shift": shift, "it_per_s": step / max(train_time, 1e-9),
+                   "train_time_s": train_time, "config": asdict(cfg)}
+        C.write_json(metrics, os.path.join(cfg.out, "metrics.json"))
+        for k, m in student.items():
+            print(f"G {k}-step: " + ", ".join(f"{n} {v:.4g}" for n, v in m.items()), flush=True)
+        for k, m in metrics["teacher"].items():
+            print(f"teacher {k}-step DDIM: " + ", ".join(f"{n} {v:.4g}" for n, v in m.items()), flush=True)
+    C.barrier()
+    return G
+
+
+@torch.no_grad()
+def covariate_shift(G, T, data, taus, cfg, device):
+    """G's imitation error on forward-diffused data states vs on its own backward-simulation states
+    at each grid time (error: MSE of G's sample against the teacher's DDIM sample from the state)."""
+    import evaluate
+    torch.manual_seed(cfg.seed + 1)
+    n, K = cfg.shift_samples, len(taus)
+    x0 = C.to_float(data[0][torch.randperm(len(data[0]))[:n]]).to(device)
+    n = len(x0)
+    own, t_own = backward_simulation(G, torch.randn_like(x0), taus, cfg.bound)
+    data_states, own_states = {}, {}
+    for i, tau in enumerate(taus.tolist()):
+        alpha, sigma = C.alpha_sigma(tau)
+        data_states[tau] = alpha * x0 + sigma * torch.randn_like(x0)
+        own_states[tau] = own[i * n:(i + 1) * n]
+
+    def error_fn(x_t, t):
+        tb = torch.full((len(x_t),), t, device=device)
+        g = C.bound_x0(x0_of(lambda x, s: G(x, s), x_t, tb), cfg.bound)
+        label = teacher_sample_from(T, x_t, t, K, cfg.teacher_substeps, cfg.bound)
+        return (g - label).pow(2).mean(dim=(1, 2, 3))
+    return evaluate.covariate_shift(error_fn, data_states, own_states)
+
+
+if __name__ == "__main__":
+    main()
