@@ -145,6 +145,38 @@ def autocast(device, enabled=True):
                           enabled=enabled and torch.device(device).type == "cuda")
 
 
+def maybe_compile(net, *example, enabled=True):
+    """torch.compile(net), or net itself if compiling fails. torch.compile is lazy (errors show at
+    the first call), so a trial forward on `example` inputs, without grad, runs here; a failure
+    prints one warning and training goes on eagerly."""
+    if not enabled:
+        return net
+    try:
+        compiled = torch.compile(net)
+        if example:
+            with torch.no_grad():
+                compiled(*example)
+        return compiled
+    except Exception as e:  # depends on the platform's compiler toolchain
+        if is_main():
+            print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                  f"running eagerly", flush=True)
+        return net
+
+
+def micro_batches(net, n, *tensors):
+    """Gradient accumulation: split one step's batch (dim 0, divisible by n; None passes through)
+    into n micro-batches and yield (sync, chunks) for each. `with sync:` around the backward skips
+    DDP's all-reduce (no_sync) on all but the last one, so gradients are reduced once per
+    optimiser step; scale each micro-batch's loss by 1/n. n = 1 is the plain step."""
+    import contextlib
+    chunks = [t.split(t.shape[0] // n) if torch.is_tensor(t) else [t] * n for t in tensors]
+    for i in range(n):
+        last = i == n - 1
+        sync = net.no_sync() if hasattr(net, "no_sync") and not last else contextlib.nullcontext()
+        yield sync, [c[i] for c in chunks]
+
+
 # ----------------------------------------------------------------------------------------------
 # schedule & parameterisation: VP, cosine logSNR clipped to [-20, 20], v-prediction
 # ----------------------------------------------------------------------------------------------
@@ -222,6 +254,23 @@ def reflected_step_torch(x, v, alpha_t, sigma_t, alpha_s, sigma_s, noise=None, b
 
 if triton is not None:
     @triton.jit
+    def _step_math(x, v, z, a_t, s_t, a_s, s_s, BOUND: tl.constexpr, HAS_NOISE: tl.constexpr):
+        """The step in fp32 registers; BOUND 0/1/2 = none/clip/reflect. Returns (x_s, x0)."""
+        x0 = a_t * x - s_t * v
+        if BOUND == 1:
+            x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+        if BOUND == 2:  # floor mod written out: Triton's float % follows C (truncation) semantics
+            u = x0 + 1.0
+            x0 = 1.0 - tl.abs(u - 4.0 * tl.floor(u / 4.0) - 2.0)
+        if HAS_NOISE:
+            eps = z
+        elif BOUND == 0:
+            eps = s_t * x + a_t * v
+        else:
+            eps = (x - a_t * x0) / s_t
+        return a_s * x0 + s_s * eps, x0
+
+    @triton.jit
     def _reflected_step_kernel(x_ptr, v_ptr, z_ptr, xs_ptr, x0_ptr, at_ptr, st_ptr, as_ptr, ss_ptr,
                                n, per_row, BOUND: tl.constexpr, HAS_NOISE: tl.constexpr,
                                BLOCK: tl.constexpr):
@@ -234,19 +283,10 @@ if triton is not None:
         s_s = tl.load(ss_ptr + row, mask=mask, other=1.0)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        x0 = a_t * x - s_t * v
-        if BOUND == 1:
-            x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
-        if BOUND == 2:  # floor mod written out: Triton's float % follows C (truncation) semantics
-            u = x0 + 1.0
-            x0 = 1.0 - tl.abs(u - 4.0 * tl.floor(u / 4.0) - 2.0)
+        z = x
         if HAS_NOISE:
-            eps = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        elif BOUND == 0:
-            eps = s_t * x + a_t * v
-        else:
-            eps = (x - a_t * x0) / s_t
-        xs = a_s * x0 + s_s * eps
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xs, x0 = _step_math(x, v, z, a_t, s_t, a_s, s_s, BOUND, HAS_NOISE)
         tl.store(xs_ptr + offs, xs.to(xs_ptr.dtype.element_ty), mask=mask)
         tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 

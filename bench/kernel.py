@@ -64,7 +64,7 @@ if C.triton is not None:
                           BOUND: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
         """An experiment beside common's kernel: a 2-D grid (sample, block within the sample), so
         the coefficients are 4 scalar loads per program instead of a division and 4 gathers per
-        element. The math is common._reflected_step_kernel's."""
+        element. The math is common._step_math."""
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < per_row
@@ -73,19 +73,11 @@ if C.triton is not None:
         a_s, s_s = tl.load(as_ptr + row), tl.load(ss_ptr + row)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        x0 = a_t * x - s_t * v
-        if BOUND == 1:
-            x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
-        if BOUND == 2:
-            u = x0 + 1.0
-            x0 = 1.0 - tl.abs(u - 4.0 * tl.floor(u / 4.0) - 2.0)
+        z = x
         if HAS_NOISE:
-            eps = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        elif BOUND == 0:
-            eps = s_t * x + a_t * v
-        else:
-            eps = (x - a_t * x0) / s_t
-        tl.store(xs_ptr + offs, (a_s * x0 + s_s * eps).to(xs_ptr.dtype.element_ty), mask=mask)
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xs, x0 = C._step_math(x, v, z, a_t, s_t, a_s, s_s, BOUND, HAS_NOISE)
+        tl.store(xs_ptr + offs, xs.to(xs_ptr.dtype.element_ty), mask=mask)
         tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
