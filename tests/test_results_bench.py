@@ -1,0 +1,136 @@
+"""bench/results.py: the plan, the aggregation over seeds on constructed metrics.json files, and one
+smoke run end to end."""
+import json
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import results as R  # noqa: E402
+
+TS = [1.0, 0.75, 0.5, 0.25]
+
+
+def fake_metrics(path, fd, it_per_s, seed, bound, ratio):
+    """A metrics.json as lcm_ddil.py writes it; FD at K = 4 is `fd`, K = 1 and 2 derived from it."""
+    row = lambda f: {"fd": f, "kid": f / 10, "precision": 0.8, "recall": 0.9, "entropy": 2.3}  # noqa: E731
+    os.makedirs(path)
+    m = {"student": {"1": row(fd + 1), "2": row(fd + 0.5), "4": row(fd)},
+         "teacher": {"4": row(10 + seed), "64": row(1 + seed)},
+         "covariate_shift": {"t": TS, "err_data": [1.0] * 4, "err_own": ratio, "ratio": ratio,
+                             "state_fd": [0.0] * 4},
+         "it_per_s": it_per_s, "train_time_s": 100 / it_per_s, "config": {"seed": seed, "bound": bound}}
+    with open(os.path.join(path, "metrics.json"), "w") as fh:
+        json.dump(m, fh)
+
+
+def test_plan_covers_the_grid_and_shares_ablation_runs():
+    groups, runs = R.plan(R.C.parse_config(R.Config, []))
+    main = [g for g in groups.values() if g["kind"] == "main"]
+    abl = [g for g in groups.values() if g["kind"] == "ablation"]
+    assert len(main) == 3 * 4 + 1 and all(len(g["runs"]) == 3 for g in main)
+    assert len(abl) == len(R.ABLATION) and all(len(g["runs"]) == 2 for g in abl)
+    # LCM (1,0,0) and (0.5,0,0.5) at bound none are the main grid's baseline and +DDIL runs
+    assert groups["lcm ablation (1, 0, 0)"]["runs"] == groups["lcm baseline"]["runs"][:2]
+    assert groups["lcm ablation (0.5, 0, 0.5)"]["runs"] == groups["lcm +DDIL"]["runs"][:2]
+    assert len(runs) == 3 * 4 * 3 + 3 + (len(R.ABLATION) - 2) * 2
+    cfg = R.C.parse_config(R.Config, ["--runs-dir", "x"])
+
+    def flags(label, seed=0):
+        argv = R.argv_of(cfg, groups[label]["runs"][seed], runs[groups[label]["runs"][seed]])
+        return {a: argv[i + 1] for i, a in enumerate(argv) if a.startswith("--")}
+    f = flags("dmd2 baseline")
+    betas_bound = (f["--beta-data"], f["--beta-teacher"], f["--beta-student"], f["--bound"])
+    assert betas_bound == ("0", "0", "1", "none")
+    f = flags("pd +DDIL+reflect", 2)
+    assert (f["--beta-data"], f["--beta-student"], f["--bound"], f["--seed"]) == ("0.5", "0.5", "reflect", "2")
+    assert flags("dmd2 baseline, 1-step G")["--steps"] == "1" and flags("lcm +reflect")["--steps"] == "4"
+    with pytest.raises(SystemExit, match="--only"):
+        R.plan(R.C.parse_config(R.Config, ["--only", "lcm,gan"]))
+
+
+def test_aggregation_over_seeds(tmp_path, monkeypatch, capsys):
+    runs_dir, out = tmp_path / "runs", tmp_path / "res"
+    fds = {"baseline": [1.0, 2.0, 3.0], "+reflect": [2.5, 1.5, 2.0], "+DDIL": [0.1, 0.2, 0.3],
+           "+DDIL+reflect": [0.4, 0.5, 0.6]}
+    ips = {"baseline": 10.0, "+reflect": 8.0, "+DDIL": 5.0, "+DDIL+reflect": 4.0}
+    for variant, (which, bound) in R.VARIANTS.items():
+        betas = R.BASELINE["lcm"] if which == "baseline" else R.DDIL["lcm"]
+        for seed, fd in enumerate(fds[variant]):
+            ratio = [1.0, 2.0 + seed, 1.0, float("inf") if seed == 0 else 3.0]
+            fake_metrics(str(runs_dir / R.run_name("lcm", 4, betas, bound, seed)), fd, ips[variant],
+                         seed, bound, ratio)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the results must not need matplotlib
+    res = R.main(["--budget", "smoke", "--seeds", "0", "1", "2", "--only", "lcm", "--runs-dir",
+                  str(runs_dir), "--out", str(out), "--no-run"])
+    assert "pip install matplotlib" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["results.json", "table.md"]
+
+    rows = {(r["variant"], r["K"]): r for r in res["rows"]}
+    assert len(rows) == 4 * 3  # K = 1, 2, 4 per variant
+    s = rows[("baseline", 4)]["fd"]
+    assert (s["mean"], s["std"], s["min"], s["max"], s["n"]) == pytest.approx((2.0, 1.0, 1.0, 3.0, 3))
+    assert rows[("baseline", 1)]["fd"]["mean"] == pytest.approx(3.0)
+    assert rows[("+DDIL", 4)]["kid"]["mean"] == pytest.approx(0.02)
+    assert rows[("+DDIL", 4)]["fd"]["std"] == pytest.approx(0.1)
+    d = rows[("+DDIL", 4)]["fd_vs_baseline"]
+    assert d["delta"] == pytest.approx(-1.8) and d["beyond_spread"] is True
+    assert rows[("+reflect", 4)]["fd_vs_baseline"]["beyond_spread"] is False
+    # teacher rows: one per (bound, K) and seed, however many variants share that bound
+    teacher = {(r["bound"], r["K"]): r for r in res["teacher"]}
+    assert set(teacher) == {("none", 4), ("none", 64), ("reflect", 4), ("reflect", 64)}
+    assert teacher[("none", 64)]["fd"]["n"] == 3 and teacher[("none", 64)]["fd"]["mean"] == pytest.approx(2.0)
+    cost = res["cost"]["lcm"]
+    assert cost["it_per_s_ratio"]["+DDIL / baseline"] == pytest.approx(0.5)
+    assert cost["it_per_s_ratio"]["+DDIL+reflect / +reflect"] == pytest.approx(0.5)
+    assert cost["time_to_baseline_fd"].startswith("not measured")
+    cs = res["covariate_shift"]["lcm"]["baseline"]
+    assert cs["t"] == TS and cs["ratio"][1]["mean"] == pytest.approx(3.0)
+    assert cs["ratio"][3]["n"] == 2 and cs["ratio"][3]["mean"] == pytest.approx(3.0)  # inf dropped
+
+    table = (out / "table.md").read_text()
+    assert table.splitlines()[2].startswith("Command: `python bench/results.py --budget smoke")
+    assert "| lcm | baseline | 4 | 3 | 2 ± 1 [1, 3] |" in table
+    assert "| lcm | +DDIL | 4 | 3 | 0.2 ± 0.1 [0.1, 0.3] |" in table and "-1.8 (beyond spread)" in table
+    assert "| none | 64 | 3 |" in table and "+DDIL / baseline = 0.50" in table
+    assert json.loads((out / "results.json").read_text())["seeds"] == [0, 1, 2]
+
+    # a missing run is reported, and the rest still aggregated
+    os.remove(runs_dir / R.run_name("lcm", 4, R.DDIL["lcm"], "none", 2) / "metrics.json")
+    res = R.main(["--budget", "smoke", "--seeds", "0", "1", "2", "--only", "lcm", "--runs-dir",
+                  str(runs_dir), "--out", str(out), "--no-run"])
+    assert res["missing"] == [R.run_name("lcm", 4, R.DDIL["lcm"], "none", 2)]
+    assert {(r["variant"], r["K"]): r for r in res["rows"]}[("+DDIL", 4)]["fd"]["n"] == 2
+
+
+@pytest.mark.slow
+def test_smoke_run_end_to_end(tiny_teacher, tmp_path, capsys):
+    argv = ["--budget", "smoke", "--seeds", "0", "--only", "lcm", "--teacher", tiny_teacher,
+            "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "res")]
+    res = R.main(argv)
+    printed = capsys.readouterr().out
+    assert printed.startswith("command: python bench/results.py --budget smoke") and "[4/4]" in printed
+    assert not res["failed"] and not res["missing"]
+    rows = {(r["variant"], r["K"]): r for r in res["rows"]}
+    assert set(rows) == {(v, k) for v in R.VARIANTS for k in (1, 2, 4)}
+    assert all(r["fd"]["n"] == 1 and math.isfinite(r["fd"]["mean"]) for r in rows.values())
+    # each variant ran with its own flags
+    for v, (which, bound) in R.VARIANTS.items():
+        betas = R.BASELINE["lcm"] if which == "baseline" else R.DDIL["lcm"]
+        cfg = json.loads((tmp_path / "runs" / R.run_name("lcm", 4, betas, bound, 0) / "config.json").read_text())
+        assert cfg["bound"] == bound and cfg["teacher"] == tiny_teacher
+        assert (cfg["beta_data"], cfg["beta_student"]) == ((1, 0) if which == "baseline" else (0.5, 0.5))
+    assert res["cost"]["lcm"]["it_per_s"]["+DDIL"]["n"] == 1
+    assert len(res["covariate_shift"]["lcm"]["+DDIL"]["t"]) == 4
+    assert "| lcm | +DDIL+reflect | 4 | 1 |" in (tmp_path / "res" / "table.md").read_text()
+    try:
+        import matplotlib  # noqa: F401
+        for name in ("fd.png", "covariate_shift.png"):
+            assert 0 < os.path.getsize(tmp_path / "res" / name) < 100_000
+    except ImportError:
+        pass
+    # a rerun resumes: nothing left to train
+    R.main(argv)
+    assert "4 runs, 4 already done, 0 to run" in capsys.readouterr().out
