@@ -132,7 +132,7 @@ def main(argv=None):
         C.ema_update(ema, model, cfg.ema)
         step += 1
         log.update()
-        if step % cfg.log_every == 0 or step == cfg.iters:
+        if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.iters:  # never checkpoint a NaN
             loss_v = loss.item()
             if loss_v != loss_v or abs(loss_v) == float("inf"):
                 C.fail(f"loss is {loss_v} at step {step}; the last good checkpoint is {ckpt_path}; "

@@ -95,3 +95,14 @@ def test_checkpoint_of_another_model_is_refused(tiny_teacher, tmp_path):
     assert r.returncode != 0 and r.stderr.strip().startswith("error:") and "another shape" in r.stderr
     with pytest.raises(SystemExit, match="trained on 'digits'"):
         C.load_teacher(tiny_teacher, "mnist")
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    out = str(tmp_path / "o")
+    teacher.main(["--iters", "5", "--ckpt-every", "5", "--out", out, *FAST])
+    good = weights(os.path.join(out, "ckpt.pt"))
+    r = run(["teacher.py", "--iters", "30", "--ckpt-every", "100", "--lr", "1e38", "--out", out, *FAST],
+            timeout=300)
+    assert r.returncode != 0 and r.stderr.strip().startswith("error: loss is") and "\n" not in r.stderr.strip()
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ck["step"] == 5 and all(torch.equal(good[k], ck["model"][k]) for k in good)
