@@ -334,14 +334,15 @@ def time_grid(steps, t_max=1.0):
 
 
 def guided(model, y=None, w=0.0, null_class=None):
-    """A v-denoiser with classifier-free guidance: v = (1 + w) v(x, y) - w v(x, null)."""
-    if y is None or w == 0:
+    """A v-denoiser with classifier-free guidance: v = (1 + w) v(x, y) - w v(x, null); w a float
+    or per-sample [B] weights (LCM samples one per state)."""
+    if y is None or (not torch.is_tensor(w) and w == 0):
         return lambda x, t: model(x, t, y)
 
     def denoise(x, t):
         v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]))
         v_c, v_u = v.chunk(2)
-        return v_u + (1.0 + w) * (v_c - v_u)
+        return v_u + (1.0 + bcast(w, x)) * (v_c - v_u)
     return denoise
 
 

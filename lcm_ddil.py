@@ -104,12 +104,8 @@ def consistency_fn(net, x, t, y=None, w=None, bound="none"):
 
 
 def teacher_v(teacher, x, t, y=None, w=None):
-    """The teacher's v, with classifier-free guidance v_u + (1 + w)(v_c - v_u) at per-sample w."""
-    if y is None:
-        return teacher(x, t)
-    v_c, v_u = teacher(torch.cat([x, x]), torch.cat([t, t]),
-                       torch.cat([y, torch.full_like(y, teacher.num_classes)])).chunk(2)
-    return v_u + (1.0 + C.bcast(w, x)) * (v_c - v_u)
+    """The teacher's v, with classifier-free guidance at per-sample weights w (common.guided)."""
+    return C.guided(teacher, y, 0.0 if w is None else w, teacher.num_classes)(x, t)
 
 
 @torch.no_grad()
