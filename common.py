@@ -73,6 +73,13 @@ def save_config(cfg, out):
         print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
 
 
+def check_positive(cfg, *names):
+    """One-line error for the first of cfg's named fields that is not positive."""
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+
+
 def check_betas(beta_data, beta_teacher, beta_student):
     """Validate DDIL mixing priors; returns them normalised to sum to 1."""
     betas = (beta_data, beta_teacher, beta_student)

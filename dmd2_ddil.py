@@ -198,10 +198,9 @@ def teacher_sample_from(T, x_t, t, K, substeps, bound):
 def main(argv=None):
     cfg = C.parse_config(Config, argv, PRESETS)
     cfg.out = cfg.out or os.path.join("runs", f"dmd2_ddil-{cfg.dataset}")
-    for name in ("iters", "batch_size", "log_every", "ckpt_every", "steps", "buffer_size", "refresh",
-                 "teacher_substeps", "fake_updates", "eval_samples", "shift_samples"):
-        if getattr(cfg, name) <= 0:
-            C.fail(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    C.check_positive(cfg, "iters", "batch_size", "log_every", "ckpt_every", "steps", "buffer_size",
+                     "refresh", "teacher_substeps", "fake_updates", "eval_samples",
+                     "shift_samples")
     if cfg.gan_weight < 0 or cfg.disc_weight < 0:
         C.fail("--gan-weight and --disc-weight must be >= 0")
     if not 0.0 <= cfg.t_min < cfg.t_max <= 1.0:

@@ -162,10 +162,8 @@ class AtW(nn.Module):
 
 
 def check(cfg):
-    for name in ("iters", "batch_size", "log_every", "ckpt_every", "eval_samples", "buffer_size",
-                 "refresh", "refresh_every", "teacher_steps", "grad_accum"):
-        if getattr(cfg, name) <= 0:
-            C.fail(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    C.check_positive(cfg, "iters", "batch_size", "log_every", "ckpt_every", "eval_samples",
+                     "buffer_size", "refresh", "refresh_every", "teacher_steps", "grad_accum")
     if cfg.batch_size % cfg.grad_accum:
         C.fail(f"--batch-size {cfg.batch_size} is not a multiple of --grad-accum {cfg.grad_accum}")
     if not 0 <= cfg.target_ema < 1:

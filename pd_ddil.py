@@ -168,10 +168,9 @@ def main(argv=None):
     cfg = C.parse_config(Config, argv, PRESETS)
     cfg.out = cfg.out or os.path.join("runs", f"pd_ddil-{cfg.dataset}")
     stages = stage_steps(cfg.teacher_steps, cfg.steps)
-    for name in ("iters_per_stage", "batch_size", "buffer_size", "refresh", "eval_samples",
-                 "stage_eval_samples", "shift_samples", "ckpt_every", "log_every", "grad_accum"):
-        if getattr(cfg, name) <= 0:
-            C.fail(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    C.check_positive(cfg, "iters_per_stage", "batch_size", "buffer_size", "refresh",
+                     "eval_samples", "stage_eval_samples", "shift_samples", "ckpt_every",
+                     "log_every", "grad_accum")
     if cfg.batch_size % cfg.grad_accum:
         C.fail(f"--batch-size {cfg.batch_size} is not a multiple of --grad-accum {cfg.grad_accum}")
     if cfg.iters < 0 or cfg.refresh_every < 0 or cfg.lr <= 0:

@@ -61,9 +61,8 @@ def build_model(cfg):
 def main(argv=None):
     cfg = C.parse_config(Config, argv, PRESETS)
     cfg.out = cfg.out or os.path.join("runs", f"teacher-{cfg.dataset}")
-    for name in ("iters", "batch_size", "log_every", "ckpt_every", "grad_accum", "sample_count"):
-        if getattr(cfg, name) <= 0:
-            C.fail(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    C.check_positive(cfg, "iters", "batch_size", "log_every", "ckpt_every", "grad_accum",
+                     "sample_count")
     if cfg.batch_size % cfg.grad_accum:
         C.fail(f"--batch-size {cfg.batch_size} is not a multiple of --grad-accum {cfg.grad_accum}")
     rank, world, device = C.init_dist(cfg.device)
