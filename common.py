@@ -92,6 +92,28 @@ def check_betas(beta_data, beta_teacher, beta_student):
     return tuple(b / sum(betas) for b in betas)
 
 
+def check_ddil(cfg):
+    """The flags every method script shares (priors, their ramp, the FD curve) -> the priors."""
+    if not 0 <= cfg.beta_ramp <= 1:
+        fail(f"--beta-ramp is a fraction of training in [0, 1], got {cfg.beta_ramp}")
+    if cfg.eval_every < 0:
+        fail(f"--eval-every must be >= 0 (0 = no FD curve), got {cfg.eval_every}")
+    check_positive(cfg, "eval_every_samples")
+    return check_betas(cfg.beta_data, cfg.beta_teacher, cfg.beta_student)
+
+
+def ramped_betas(betas, frac, ramp):
+    """The priors at training fraction `frac` in [0, 1]. With ramp > 0, beta_student rises linearly
+    from 0 to its value over the first `ramp` of training, the difference going to beta_data: a
+    student's own rollouts are only worth imitating once it has learnt to sample (DAgger's mixing
+    schedule, which DDIL's fixed priors leave out). ramp = 0 returns the fixed priors."""
+    if ramp <= 0 or frac >= ramp:
+        return betas
+    b_data, b_teacher, b_student = betas
+    s = b_student * frac / ramp
+    return (b_data + b_student - s, b_teacher, s)
+
+
 # ----------------------------------------------------------------------------------------------
 # distributed: `python x.py` is world size 1; `torchrun --nproc_per_node=N x.py` is N ranks
 # ----------------------------------------------------------------------------------------------

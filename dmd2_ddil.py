@@ -71,6 +71,9 @@ class Config:
     beta_data: float = 0.25
     beta_teacher: float = 0.25
     beta_student: float = 0.5
+    beta_ramp: float = 0.0         # beta_student rises from 0 over this fraction of training
+    eval_every: int = 0            # FD at K every this many iterations into log.jsonl (0 = off)
+    eval_every_samples: int = 250  # ... on this many samples (the same noise each time)
     bound: str = "reflect"
     buffer_size: int = 256         # states per rollout source
     refresh: int = 4               # fresh trajectories per source per iteration
@@ -205,7 +208,7 @@ def main(argv=None):
         C.fail("--gan-weight and --disc-weight must be >= 0")
     if not 0.0 <= cfg.t_min < cfg.t_max <= 1.0:
         C.fail(f"need 0 <= --t-min < --t-max <= 1, got {cfg.t_min}, {cfg.t_max}")
-    betas = C.check_betas(cfg.beta_data, cfg.beta_teacher, cfg.beta_student)
+    betas = C.check_ddil(cfg)
     rank, world, device = C.init_dist(cfg.device)
     data = C.load_dataset(cfg.dataset, cfg.data_dir)
     T, _ = C.load_teacher(cfg.teacher, cfg.dataset, device)
@@ -275,7 +278,7 @@ def main(argv=None):
         rollouts = {"teacher": rollout(lambda x1, y: teacher_rollout(T, x1, taus, cfg.teacher_substeps,
                                                                      cfg.bound, y, cfg.guidance)),
                     "student": rollout(lambda x1, y: backward_simulation(G, x1, taus, cfg.bound, y))}
-        counts = C.source_counts(B, betas)
+        counts = C.source_counts(B, C.ramped_betas(betas, step / cfg.iters, cfg.beta_ramp))
         x, t, y, _ = C.mixed_states(counts, data_states, buffers, rollouts, cfg.refresh)
         return x, t, (y if cond else None)
 
@@ -286,6 +289,8 @@ def main(argv=None):
             "opt_g": opt_g.state_dict(), "opt_f": opt_f.state_dict(), "step": step,
             "buffers": {k: b.state_dict() for k, b in buffers.items()}, "train_time_s": train_time})
 
+    import evaluate  # after init_dist: evaluation splits sampling over ranks
+    ev = dict(dataset=cfg.dataset, bound=cfg.bound, seed=cfg.seed, device=device, data_dir=cfg.data_dir)
     batches = C.Batches(data, cfg.batch_size, cfg.seed, rank, world, device)
     log = C.Logger(cfg.out, cfg.iters, step, desc="dmd2_ddil")
     while step < cfg.iters:
@@ -336,15 +341,16 @@ def main(argv=None):
             if any(v != v or abs(v) == float("inf") for v in rec.values()):
                 C.fail(f"a loss is not finite at step {step} ({rec}); the last good checkpoint is "
                        f"{ckpt_path}; lower --lr and rerun (it resumes)")
-            log.log(step, **rec)
+            log.log(step, train_s=round(train_time, 3), **rec)
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iters):
+            log.log(step, train_s=round(train_time, 3),
+                    **evaluate.fd_during_training(G, "renoise", K, cfg.eval_every_samples, **ev))
         if step % cfg.ckpt_every == 0 or step == cfg.iters:
             checkpoint()
     log.close()
 
     # ---- final evaluation: G at 1 and K steps, the teacher at the same K and at 64 -----------
-    import evaluate
     G.eval()
-    ev = dict(dataset=cfg.dataset, bound=cfg.bound, seed=cfg.seed, device=device, data_dir=cfg.data_dir)
     student, samples = {}, None
     for k in sorted({1, K}):
         student[str(k)], samples = evaluate.evaluate_net(G, "renoise", k, cfg.eval_samples, **ev)

@@ -337,6 +337,17 @@ def evaluate_net(net, kind, steps, num_samples, dataset="digits", bound="reflect
     return m[0], x
 
 
+def fd_during_training(net, kind, steps, num_samples, **ev):
+    """{fd, kid} of a network mid-training (put back in its mode after): the curve in log.jsonl
+    behind "wall time to reach the baseline's FD". The same noise every call (seed), so the curve
+    moves only with the weights; the training RNG is untouched (sample forks it)."""
+    was_training = net.training
+    net.eval()
+    m, _ = evaluate_net(net, kind, steps, num_samples, **ev)
+    net.train(was_training)
+    return {"fd": m["fd"], "kid": m["kid"]}
+
+
 def reference_rows(teacher, steps_list, num_samples, dataset="digits", bound="reflect", seed=0,
                    device="cpu", data_dir="data", cache_dir=CACHE_DIR):
     """{K: metrics} of the teacher's DDIM sampler at each K (report it beside every student)."""

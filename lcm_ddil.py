@@ -63,6 +63,9 @@ class Config:
     beta_data: float = 0.5
     beta_teacher: float = 0.0
     beta_student: float = 0.5
+    beta_ramp: float = 0.0        # beta_student rises from 0 over this fraction of training
+    eval_every: int = 0           # FD at K every this many iterations into log.jsonl (0 = off)
+    eval_every_samples: int = 250  # ... on this many samples (the same noise each time)
     bound: str = "none"           # reflect/clip act on teacher targets and sampling (see below)
     buffer_size: int = 1024       # states per rollout source
     refresh: int = 4              # fresh trajectories per iteration and source, on average
@@ -171,7 +174,7 @@ def check(cfg):
     if cfg.w_min > cfg.w_max:
         C.fail(f"--w-min {cfg.w_min} is above --w-max {cfg.w_max}")
     sampling_times(cfg.steps, cfg.grid)
-    return C.check_betas(cfg.beta_data, cfg.beta_teacher, cfg.beta_student)
+    return C.check_ddil(cfg)
 
 
 def main(argv=None):
@@ -191,7 +194,7 @@ def main(argv=None):
     target = make_target(student, cfg.target_ema)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     buffers = {"teacher": C.MixingBuffer(cfg.buffer_size), "student": C.MixingBuffer(cfg.buffer_size)}
-    ckpt_path, step = os.path.join(cfg.out, "ckpt.pt"), 0
+    ckpt_path, step, train_time = os.path.join(cfg.out, "ckpt.pt"), 0, 0.0
     if os.path.isfile(ckpt_path):
         ck = C.load_checkpoint(ckpt_path, map_location=device)
         if ck.get("model_config") != student.config:
@@ -203,7 +206,7 @@ def main(argv=None):
         opt.load_state_dict(ck["opt"])
         for name, buf in buffers.items():
             buf.load_state_dict(ck["buffers"][name])
-        step = ck["step"]
+        step, train_time = ck["step"], ck.get("train_time_s", 0.0)
         if C.is_main():
             print(f"resuming from {ckpt_path} at step {step}", flush=True)
     net = DDP(student) if world > 1 else student
@@ -218,7 +221,6 @@ def main(argv=None):
 
     batches = C.Batches(data, cfg.batch_size, cfg.seed, rank, world, device)
     shape = (teacher.config["in_ch"], teacher.config["resolution"], teacher.config["resolution"])
-    counts = C.source_counts(cfg.batch_size, betas)
 
     def labels_and_w(m):
         if not cond:
@@ -252,14 +254,20 @@ def main(argv=None):
     def checkpoint():
         C.save_checkpoint(ckpt_path, {
             "net": student.state_dict(), "model_config": student.config, "sampler": "renoise",
-            "steps": K, "config": asdict(cfg), "step": step, "opt": opt.state_dict(),
+            "steps": K, "config": asdict(cfg), "step": step, "train_time_s": train_time,
+            "opt": opt.state_dict(),
             "target": target.state_dict() if target is not student else None,
             "buffers": {name: buf.state_dict() for name, buf in buffers.items()}})
 
+    import evaluate as E  # after init_dist: evaluation splits sampling over ranks
+    w_mid = 0.5 * (cfg.w_min + cfg.w_max)
+    sampler = AtW(student, w_mid) if cond else student
+    ev = dict(dataset=cfg.dataset, bound=cfg.bound, seed=cfg.seed, device=device, data_dir=cfg.data_dir)
     log = C.Logger(cfg.out, cfg.iters, step, desc="lcm_ddil")
-    t_train, step0 = time.time(), step
     while step < cfg.iters:
+        t0 = time.time()
         C.step_seed(cfg.seed, rank, step)
+        counts = C.source_counts(cfg.batch_size, C.ramped_betas(betas, step / cfg.iters, cfg.beta_ramp))
         refresh = cfg.refresh * cfg.refresh_every if step % cfg.refresh_every == 0 else 0
         x, t, y, src = C.mixed_states(counts, data_states, buffers, rollouts, refresh)
         w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(len(y), device=device) if cond else None
@@ -280,6 +288,7 @@ def main(argv=None):
         opt.step()
         update_target(target, student, cfg.target_ema)
         step += 1
+        train_time += time.time() - t0
         log.update()
         if step % cfg.log_every == 0 or step == cfg.iters:
             loss_v = loss.item()
@@ -288,20 +297,18 @@ def main(argv=None):
                        f"lower --lr and rerun (it resumes)")
             per_src = {f"loss_{s}": losses[src == i].mean().item()
                        for i, s in enumerate(C.SOURCES) if counts[i]}
-            log.log(step, loss=loss_v, **per_src)
+            log.log(step, loss=loss_v, train_s=round(train_time, 3), **per_src)
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iters):
+            log.log(step, train_s=round(train_time, 3),
+                    **E.fd_during_training(sampler, "renoise", K, cfg.eval_every_samples, **ev))
         if step % cfg.ckpt_every == 0 or step == cfg.iters:
             checkpoint()
     log.close()
-    train_time = time.time() - t_train
-    it_per_s = (step - step0) / train_time if step > step0 else None
+    it_per_s = step / train_time if train_time > 0 else None
 
     # evaluation: the student at K = 1, 2, K; the teacher at the same K and at many steps
-    import evaluate as E
     student.eval()
-    w_mid = 0.5 * (cfg.w_min + cfg.w_max)
-    sampler = AtW(student, w_mid) if cond else student
     y_eval = torch.arange(cfg.eval_samples) % teacher.num_classes if cond else None
-    ev = dict(dataset=cfg.dataset, bound=cfg.bound, seed=cfg.seed, device=device, data_dir=cfg.data_dir)
     eval_ks = sorted({1, 2, K})
     rows, samples = {}, None
     for k in eval_ks:

@@ -63,6 +63,9 @@ class Config:
     beta_data: float = 0.5
     beta_teacher: float = 0.0
     beta_student: float = 0.5
+    beta_ramp: float = 0.0         # beta_student rises from 0 over this fraction of training
+    eval_every: int = 0            # FD at K every this many iterations into log.jsonl (0 = off)
+    eval_every_samples: int = 250  # ... on this many samples (the same noise each time)
     bound: str = "none"            # measured: reflect hurt PD on digits (module docstring)
     buffer_size: int = 1024        # states per rollout source
     refresh: int = 32              # trajectories per refresh, in one batched sampler call
@@ -175,8 +178,7 @@ def main(argv=None):
         C.fail(f"--batch-size {cfg.batch_size} is not a multiple of --grad-accum {cfg.grad_accum}")
     if cfg.iters < 0 or cfg.refresh_every < 0 or cfg.lr <= 0:
         C.fail("--iters and --refresh-every must be >= 0 and --lr > 0")
-    betas = C.check_betas(cfg.beta_data, cfg.beta_teacher, cfg.beta_student)
-    counts = C.source_counts(cfg.batch_size, betas)
+    betas = C.check_ddil(cfg)
     rank, world, device = C.init_dist(cfg.device)
     data = C.load_dataset(cfg.dataset, cfg.data_dir)
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
@@ -211,7 +213,7 @@ def main(argv=None):
     log = C.Logger(cfg.out, total, step, desc="pd_ddil")
     if C.is_main():
         print(f"pd_ddil: stages {cfg.teacher_steps} -> {' -> '.join(map(str, stages))}, "
-              f"{ips} iterations each; batch {cfg.batch_size} x {world} = {counts} "
+              f"{ips} iterations each; batch {cfg.batch_size} x {world}, betas {betas} "
               f"(data, teacher, student); bound {cfg.bound}; {device}", flush=True)
     import evaluate as E  # after init_dist: evaluation splits sampling over ranks
 
@@ -246,6 +248,7 @@ def main(argv=None):
             C.step_seed(cfg.seed, rank, step)
             j = step - stage * ips  # iteration within the stage
             x0, y0 = batches.get(step)
+            counts = C.source_counts(cfg.batch_size, C.ramped_betas(betas, step / total, cfg.beta_ramp))
             x_t, t, y, _ = C.mixed_states(
                 counts, lambda n: data_states(x0[:n], y0[:n], N), buffers, rollouts,
                 refresh=cfg.refresh if j % every == 0 else 0)
@@ -271,6 +274,12 @@ def main(argv=None):
                            f"{ckpt_path}; lower --lr and rerun (it resumes)")
                 log.log(step, stage=stage, N=N, loss=loss_v, lr=opt.param_groups[0]["lr"],
                         train_s=round(train_time, 3))
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
+                # the student of every stage sampled at the final K: one curve across stages
+                log.log(step, stage=stage, train_s=round(train_time, 3),
+                        **E.fd_during_training(student, "ddim", cfg.steps, cfg.eval_every_samples,
+                                               dataset=cfg.dataset, bound=cfg.bound, seed=cfg.seed,
+                                               device=device, data_dir=cfg.data_dir))
             if step % cfg.ckpt_every == 0 or step == stop:
                 checkpoint()
         if step < (stage + 1) * ips:  # stopped by --iters mid-stage; the checkpoint is written

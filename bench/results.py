@@ -81,25 +81,30 @@ DDIL = {"pd": (0.5, 0, 0.5), "lcm": (0.5, 0, 0.5), "dmd2": (0.5, 0, 0.5)}
 VARIANTS = {"baseline": ("baseline", "none"), "+reflect": ("baseline", "reflect"),
             "+DDIL": ("ddil", "none"), "+DDIL+reflect": ("ddil", "reflect")}
 ABLATION = [(1, 0, 0), (0.5, 0, 0.5), (0.5, 0.25, 0.25), (0.25, 0, 0.75), (0, 0, 1), (0.34, 0.33, 0.33)]
+# schedules (betas, --beta-ramp): beta_student rising from 0 over the first `ramp` of training (DAgger)
+SCHEDULES = [((0.5, 0, 0.5), 0.5)]
 ABLATION_METHOD = "lcm"
 METRICS = ("fd", "kid", "precision", "recall", "entropy")
 
 BUDGETS = {  # per-script flags; "ablation_seeds": how many of --seeds the ablation uses
     "full": {"ablation_seeds": 2,
-             "pd": ["--iters-per-stage", "100", "--eval-samples", "1000", "--stage-eval-samples", "250"],
-             "lcm": ["--iters", "500", "--eval-samples", "1000"],
+             "pd": ["--iters-per-stage", "100", "--eval-samples", "1000", "--stage-eval-samples", "250",
+                    "--eval-every", "50"],
+             "lcm": ["--iters", "500", "--eval-samples", "1000", "--eval-every", "50"],
              "dmd2": ["--iters", "300", "--batch-size", "32", "--teacher-substeps", "4",
-                      "--eval-samples", "1000"]},
+                      "--eval-samples", "1000", "--eval-every", "30"]},
     "smoke": {"ablation_seeds": 1,
               "pd": ["--teacher-steps", "8", "--iters-per-stage", "2", "--batch-size", "8",
                      "--buffer-size", "32", "--refresh", "4", "--eval-samples", "32",
-                     "--stage-eval-samples", "16", "--shift-samples", "16", "--log-every", "1"],
+                     "--stage-eval-samples", "16", "--shift-samples", "16", "--log-every", "1",
+                     "--eval-every", "4", "--eval-every-samples", "16"],
               "lcm": ["--iters", "3", "--batch-size", "8", "--buffer-size", "32", "--refresh", "2",
                       "--refresh-every", "1", "--eval-samples", "32", "--teacher-steps", "8",
-                      "--log-every", "1"],
+                      "--log-every", "1", "--eval-every", "2", "--eval-every-samples", "16"],
               "dmd2": ["--iters", "3", "--batch-size", "8", "--buffer-size", "16", "--refresh", "2",
                        "--teacher-substeps", "2", "--fake-updates", "2", "--eval-samples", "32",
-                       "--shift-samples", "8", "--log-every", "1"]},
+                       "--shift-samples", "8", "--log-every", "1", "--eval-every", "2",
+                       "--eval-every-samples", "16"]},
 }
 
 
@@ -107,13 +112,14 @@ BUDGETS = {  # per-script flags; "ablation_seeds": how many of --seeds the ablat
 # the plan: groups of runs (a table row each), runs named by their flags
 # ----------------------------------------------------------------------------------------------
 
-def run_name(method, steps, betas, bound, seed):
-    return f"{method}-K{steps}-b{'_'.join(f'{b:g}' for b in betas)}-{bound}-s{seed}"
+def run_name(method, steps, betas, bound, seed, ramp=0.0):
+    ramp = f"-ramp{ramp:g}" if ramp else ""
+    return f"{method}-K{steps}-b{'_'.join(f'{b:g}' for b in betas)}{ramp}-{bound}-s{seed}"
 
 
 def plan(cfg):
     """(groups, runs): groups {label: {kind, method, variant, betas, bound, runs: [names]}},
-    runs {name: (method, steps, betas, bound, seed)}."""
+    runs {name: (method, steps, betas, bound, seed, ramp)}."""
     only = {s.strip() for s in cfg.only.split(",") if s.strip()}
     if not only or only - set(SCRIPTS) - {"ablation"}:
         C.fail(f"--only {cfg.only!r}: give a comma-separated subset of {','.join(SCRIPTS)},ablation")
@@ -123,14 +129,14 @@ def plan(cfg):
         C.fail(f"--jobs must be positive, got {cfg.jobs}")
     groups, runs = {}, {}
 
-    def add(label, kind, method, variant, steps, betas, bound, seeds):
+    def add(label, kind, method, variant, steps, betas, bound, seeds, ramp=0.0):
         names = []
         for seed in seeds:
-            name = run_name(method, steps, betas, bound, seed)
-            runs[name] = (method, steps, betas, bound, seed)
+            name = run_name(method, steps, betas, bound, seed, ramp)
+            runs[name] = (method, steps, betas, bound, seed, ramp)
             names.append(name)
         groups[label] = dict(kind=kind, method=method, variant=variant, steps=steps,
-                             betas=list(betas), bound=bound, runs=names)
+                             betas=list(betas), bound=bound, ramp=ramp, runs=names)
 
     for method in SCRIPTS:
         if method not in only:
@@ -146,14 +152,19 @@ def plan(cfg):
         for betas in ABLATION:
             add(f"{ABLATION_METHOD} ablation {betas}", "ablation", ABLATION_METHOD,
                 "betas (" + ", ".join(f"{b:g}" for b in betas) + ")", K, betas, "none", seeds)
+        for betas, ramp in SCHEDULES:
+            add(f"{ABLATION_METHOD} ablation {betas} ramp {ramp:g}", "ablation", ABLATION_METHOD,
+                "betas (" + ", ".join(f"{b:g}" for b in betas) + f"), beta_student ramped over "
+                f"the first {ramp:.0%}", K, betas, "none", seeds, ramp)
     return groups, runs
 
 
 def argv_of(cfg, name, spec):
-    method, steps, betas, bound, seed = spec
+    method, steps, betas, bound, seed, ramp = spec
     argv = [sys.executable, SCRIPTS[method], *BUDGETS[cfg.budget][method],
             "--steps", str(steps), "--beta-data", f"{betas[0]:g}", "--beta-teacher", f"{betas[1]:g}",
-            "--beta-student", f"{betas[2]:g}", "--bound", bound, "--seed", str(seed),
+            "--beta-student", f"{betas[2]:g}", "--beta-ramp", f"{ramp:g}", "--bound", bound,
+            "--seed", str(seed),
             "--data-dir", cfg.data_dir, "--out", os.path.join(cfg.runs_dir, name)]
     argv += ["--teacher", cfg.teacher] if cfg.teacher else []
     argv += ["--device", cfg.device] if cfg.device else []
@@ -217,12 +228,17 @@ def spread(values):
 
 
 def fd_curve(log_path):
-    """(time, fd) pairs of a log.jsonl's records with an "fd" field (no script writes them yet)."""
+    """(training seconds, fd) of a log.jsonl's --eval-every records (evaluation time excluded)."""
     if not os.path.isfile(log_path):
         return []
     with open(log_path) as fh:
         recs = [json.loads(ln) for ln in fh if ln.strip()]
-    return [(r["time"], r["fd"]) for r in recs if "fd" in r and "time" in r]
+    return [(r["train_s"], r["fd"]) for r in recs if "fd" in r and "train_s" in r]
+
+
+def time_to(curve, target):
+    """The first training time at which the curve is at or below target (inf: never)."""
+    return next((t for t, fd in curve if fd <= target), float("inf"))
 
 
 def aggregate(groups, runs_dir):
@@ -281,21 +297,28 @@ def aggregate(groups, runs_dir):
         for a, b in (("+DDIL", "baseline"), ("+DDIL+reflect", "+reflect")):
             if ips.get(a) and ips.get(b):
                 ratio[f"{a} / {b}"] = ips[a]["mean"] / ips[b]["mean"]
-        reach = {}  # wall time for a DDIL run to reach its baseline's final FD (same seed), from logs
+        # training time for a DDIL run to reach its baseline's final FD (same seed; both FDs from
+        # the --eval-every curves, so on the same samples), and the baseline's own time to it
+        reach = {}
         for a, b in (("+DDIL", "baseline"), ("+DDIL+reflect", "+reflect")):
             if a not in mg or b not in mg:
                 continue
-            times = []
+            t_a, t_b, never = [], [], 0
             for na, nb in zip(mg[a]["runs"], mg[b]["runs"]):
-                curve = fd_curve(os.path.join(runs_dir, na, "log.jsonl"))
-                if nb in loaded and str(K) in loaded[nb]["student"] and curve:
-                    target = loaded[nb]["student"][str(K)]["fd"]
-                    times.append(next((t for t, fd in curve if fd <= target), float("inf")))
-            if times:
-                reach[f"{a} to {b}'s final FD (s)"] = spread(times)
-        reach = reach or "not measured (the runs' log.jsonl has no FD over training)"
+                ca, cb = (fd_curve(os.path.join(runs_dir, n, "log.jsonl")) for n in (na, nb))
+                if ca and cb:
+                    target = cb[-1][1]
+                    ta = time_to(ca, target)
+                    never += not math.isfinite(ta)
+                    t_a.append(ta), t_b.append(time_to(cb, target))
+            if t_b:
+                reach[f"{a} / {b}"] = {"ddil_s": spread(t_a), "baseline_s": spread(t_b),
+                                       "never_reached": never, "runs": len(t_b)}
+        reach = reach or "not measured (no --eval-every FD curve in the runs' log.jsonl)"
+        curves = {v: [fd_curve(os.path.join(runs_dir, n, "log.jsonl")) for n in g["runs"]]
+                  for v, g in mg.items()}
         cost[method] = {"it_per_s": ips, "train_time_s": tts, "it_per_s_ratio": ratio,
-                        "time_to_baseline_fd": reach}
+                        "time_to_baseline_fd": reach, "fd_curves": curves}
         shift[method] = {}
         for v, g in mg.items():
             cs = [m["covariate_shift"] for m in done[v] if m.get("covariate_shift")]
@@ -358,9 +381,12 @@ def table_md(res):
         for method, c in res["cost"].items():
             ratios = ", ".join(f"{k} = {v:.2f}" for k, v in c["it_per_s_ratio"].items()) or "–"
             reach = c["time_to_baseline_fd"]
-            reach = reach if isinstance(reach, str) else "; ".join(f"{k}: {fmt(v)}" for k, v in reach.items())
+            if not isinstance(reach, str):
+                reach = "; ".join(f"{k}: {fmt(v['ddil_s'])} s against {fmt(v['baseline_s'])} s"
+                                  + (f" ({v['never_reached']} of {v['runs']} seeds never)"
+                                     if v["never_reached"] else "") for k, v in reach.items())
             lines.append(f"- {method}: iterations/s, ratio of means: {ratios}. "
-                         f"Time to the baseline's final FD: {reach}.")
+                         f"Training time to the baseline's final FD (curve on --eval-every-samples): {reach}.")
         lines.append("")
     if any(res["covariate_shift"].values()):
         lines += ["## Covariate shift: err_own / err_data per grid time (mean ± std over seeds)", ""]
@@ -380,7 +406,7 @@ def table_md(res):
 
 
 def plots(res, out):
-    """covariate_shift.png and fd.png (small: 80 dpi); skipped without matplotlib."""
+    """covariate_shift.png, fd_curves.png and fd.png (small: 80 dpi); skipped without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -404,6 +430,21 @@ def plots(res, out):
             ax.legend(fontsize=7)
         fig.tight_layout()
         written.append(os.path.join(out, "covariate_shift.png"))
+        fig.savefig(written[-1], dpi=80)
+        plt.close(fig)
+    curves = {m: c["fd_curves"] for m, c in res["cost"].items() if any(map(any, c.get("fd_curves", {}).values()))}
+    if curves:  # FD over training time, one thin line per seed
+        fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 2.8), squeeze=False)
+        for ax, (method, cv) in zip(axes[0], curves.items()):
+            for v, color in (("baseline", "tab:orange"), ("+DDIL", "tab:blue")):
+                for i, c in enumerate(cv.get(v, [])):
+                    if c:
+                        ax.plot([t for t, _ in c], [fd for _, fd in c], color=color, lw=1, marker=".",
+                                label=v if i == 0 else None)
+            ax.set(title=f"{method}, K = {K}", xlabel="training time (s)", ylabel="FD", yscale="log")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(os.path.join(out, "fd_curves.png"))
         fig.savefig(written[-1], dpi=80)
         plt.close(fig)
     panels = {}

@@ -140,9 +140,16 @@ def test_end_to_end_writes_outputs_and_resume_is_exact(tmp_path, tiny_teacher):
     net, sampler, ck = C.load_net(str(out / "ckpt.pt"))  # evaluate.py's entry point
     assert sampler == "renoise" and ck["steps"] == 4 and ck["step"] == 4
 
-    # interrupted after step 2 (a checkpoint), then resumed: bit-identical to the full run
-    run(tmp_path, tiny_teacher, "resumed", 2)
-    run(tmp_path, tiny_teacher, "resumed", 4)
+    # interrupted after step 2 (a checkpoint), then resumed: bit-identical to the full run, though
+    # this one also samples an FD curve during training (--eval-every), which must not perturb it
+    curve = {"eval-every": 1, "eval-every-samples": 8}
+    run(tmp_path, tiny_teacher, "resumed", 2, **curve)
+    run(tmp_path, tiny_teacher, "resumed", 4, **curve)
+    logs = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    fd_recs = [r for r in logs if "fd" in r]
+    assert [r["step"] for r in fd_recs] == [1, 2, 3, 4] and all(r["fd"] > 0 for r in fd_recs)
+    train_s = [r["train_s"] for r in fd_recs]
+    assert train_s == sorted(train_s) and train_s[0] > 0  # training time carries over the resume
     a = torch.load(out / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
     for key in ("net", "target"):

@@ -31,11 +31,11 @@ def test_plan_covers_the_grid_and_shares_ablation_runs():
     main = [g for g in groups.values() if g["kind"] == "main"]
     abl = [g for g in groups.values() if g["kind"] == "ablation"]
     assert len(main) == 3 * 4 + 1 and all(len(g["runs"]) == 3 for g in main)
-    assert len(abl) == len(R.ABLATION) and all(len(g["runs"]) == 2 for g in abl)
+    assert len(abl) == len(R.ABLATION) + len(R.SCHEDULES) and all(len(g["runs"]) == 2 for g in abl)
     # LCM (1,0,0) and (0.5,0,0.5) at bound none are the main grid's baseline and +DDIL runs
     assert groups["lcm ablation (1, 0, 0)"]["runs"] == groups["lcm baseline"]["runs"][:2]
     assert groups["lcm ablation (0.5, 0, 0.5)"]["runs"] == groups["lcm +DDIL"]["runs"][:2]
-    assert len(runs) == 3 * 4 * 3 + 3 + (len(R.ABLATION) - 2) * 2
+    assert len(runs) == 3 * 4 * 3 + 3 + (len(R.ABLATION) - 2 + len(R.SCHEDULES)) * 2
     cfg = R.C.parse_config(R.Config, ["--runs-dir", "x"])
 
     def flags(label, seed=0):
@@ -47,6 +47,7 @@ def test_plan_covers_the_grid_and_shares_ablation_runs():
     f = flags("pd +DDIL+reflect", 2)
     assert (f["--beta-data"], f["--beta-student"], f["--bound"], f["--seed"]) == ("0.5", "0.5", "reflect", "2")
     assert flags("dmd2 baseline, 1-step G")["--steps"] == "1" and flags("lcm +reflect")["--steps"] == "4"
+    assert flags("lcm +DDIL")["--beta-ramp"] == "0" and flags("lcm ablation (0.5, 0, 0.5) ramp 0.5")["--beta-ramp"] == "0.5"
     with pytest.raises(SystemExit, match="--only"):
         R.plan(R.C.parse_config(R.Config, ["--only", "lcm,gan"]))
 
@@ -62,6 +63,16 @@ def test_aggregation_over_seeds(tmp_path, monkeypatch, capsys):
             ratio = [1.0, 2.0 + seed, 1.0, float("inf") if seed == 0 else 3.0]
             fake_metrics(str(runs_dir / R.run_name("lcm", 4, betas, bound, seed)), fd, ips[variant],
                          seed, bound, ratio)
+    # --eval-every curves (train_s, fd) for seeds 0 and 1: the baseline ends at 2.0 (reached at 30 s);
+    # DDIL seed 0 gets there at 24 s, seed 1 never
+    curves = {("baseline", 0): [(10, 5.0), (20, 3.0), (30, 2.0)], ("baseline", 1): [(10, 4.0), (30, 2.0)],
+              ("+DDIL", 0): [(12, 4.0), (24, 1.9), (36, 1.0)], ("+DDIL", 1): [(12, 4.0), (36, 2.5)]}
+    for (variant, seed), curve in curves.items():
+        betas = R.BASELINE["lcm"] if variant == "baseline" else R.DDIL["lcm"]
+        with open(runs_dir / R.run_name("lcm", 4, betas, "none", seed) / "log.jsonl", "w") as fh:
+            fh.write(json.dumps({"step": 1, "time": 0.5, "loss": 1.0}) + "\n")  # not a curve record
+            for t, fd in curve:
+                fh.write(json.dumps({"step": t, "time": t + 5, "train_s": t, "fd": fd}) + "\n")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # the results must not need matplotlib
     res = R.main(["--budget", "smoke", "--seeds", "0", "1", "2", "--only", "lcm", "--runs-dir",
                   str(runs_dir), "--out", str(out), "--no-run"])
@@ -85,7 +96,12 @@ def test_aggregation_over_seeds(tmp_path, monkeypatch, capsys):
     cost = res["cost"]["lcm"]
     assert cost["it_per_s_ratio"]["+DDIL / baseline"] == pytest.approx(0.5)
     assert cost["it_per_s_ratio"]["+DDIL+reflect / +reflect"] == pytest.approx(0.5)
-    assert cost["time_to_baseline_fd"].startswith("not measured")
+    reach = cost["time_to_baseline_fd"]
+    assert set(reach) == {"+DDIL / baseline"}  # the reflect pair has no curves
+    assert reach["+DDIL / baseline"]["ddil_s"]["mean"] == 24 and reach["+DDIL / baseline"]["ddil_s"]["n"] == 1
+    assert reach["+DDIL / baseline"]["baseline_s"]["mean"] == 30
+    assert (reach["+DDIL / baseline"]["never_reached"], reach["+DDIL / baseline"]["runs"]) == (1, 2)
+    assert "24 s against 30 ± 0 [30, 30] s (1 of 2 seeds never)" in (out / "table.md").read_text()
     cs = res["covariate_shift"]["lcm"]["baseline"]
     assert cs["t"] == TS and cs["ratio"][1]["mean"] == pytest.approx(3.0)
     assert cs["ratio"][3]["n"] == 2 and cs["ratio"][3]["mean"] == pytest.approx(3.0)  # inf dropped
@@ -123,11 +139,12 @@ def test_smoke_run_end_to_end(tiny_teacher, tmp_path, capsys):
         assert cfg["bound"] == bound and cfg["teacher"] == tiny_teacher
         assert (cfg["beta_data"], cfg["beta_student"]) == ((1, 0) if which == "baseline" else (0.5, 0.5))
     assert res["cost"]["lcm"]["it_per_s"]["+DDIL"]["n"] == 1
+    assert res["cost"]["lcm"]["time_to_baseline_fd"]["+DDIL / baseline"]["runs"] == 1  # the curves exist
     assert len(res["covariate_shift"]["lcm"]["+DDIL"]["t"]) == 4
     assert "| lcm | +DDIL+reflect | 4 | 1 |" in (tmp_path / "res" / "table.md").read_text()
     try:
         import matplotlib  # noqa: F401
-        for name in ("fd.png", "covariate_shift.png"):
+        for name in ("fd.png", "covariate_shift.png", "fd_curves.png"):
             assert 0 < os.path.getsize(tmp_path / "res" / name) < 100_000
     except ImportError:
         pass
