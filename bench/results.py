@@ -18,8 +18,8 @@ The grid (tables below; change them there):
             (PD/LCM: data (1,0,0); DMD2: its backward simulation (0,0,1)); DDIL = (0.5,0,0.5);
             "+reflect" = --bound reflect, else --bound none. LCM reports K = 1, 2, 4 and DMD2
             K = 1, 4 from their own metrics; DMD2 also trains a 1-step G (baseline only).
-  ablation: LCM at K = 4, bound none, the six priors of ABLATION, on the first ABLATION_SEEDS seeds.
-  Not run: a schedule of the priors (e.g. beta_student rising): no script has a flag for one.
+  ablation: LCM at K = 4, bound none, the six priors of ABLATION and the SCHEDULES (--beta-ramp:
+            beta_student rising from 0, DAgger's schedule), on the first ABLATION_SEEDS seeds.
 
 Budget "full", per run on a quiet 2-core CPU (measured: LCM 800 iterations with a 2000-sample
 evaluation ~4.5 min, of which ~80 s evaluation; PD 150 iterations/stage ~5 min; DMD2 400
@@ -38,8 +38,9 @@ at --jobs 1.
 Aggregation (results.json, table.md, *.png in --out): mean, std (n-1) and min/max over seeds of
 FD, KID, precision, recall, entropy per (method, variant, K); the teacher rows (each run's own
 DDIM reference at its K and at 64, deduplicated by bound and seed); per method the ratio of mean
-iterations/s DDIL / baseline; the wall time to reach the baseline's final FD where a run's
-log.jsonl has "fd" records over training (the scripts log none, so it says "not measured");
+iterations/s DDIL / baseline; the training time (evaluation excluded) for DDIL to reach the same
+seed's baseline's final FD, both read from the --eval-every curves in log.jsonl (250 samples, the
+same noise at every point), beside the baseline's own time to that FD;
 the covariate-shift ratio err_own / err_data per grid time, mean over seeds.
 """
 import json
@@ -71,6 +72,7 @@ class Config:
     data_dir: str = "data"
     device: str = ""               # passed to every script ("" = their default)
     run: bool = True               # --no-run: only aggregate what is already in --runs-dir
+    check: str = ""                # a committed results.json: does this run agree within its spread?
     CHOICES = {"budget": ("full", "smoke")}
 
 
@@ -474,6 +476,29 @@ def plots(res, out):
     return written
 
 
+def check_against(res, path):
+    """Rows of `res` whose mean metric lies outside the committed run's [min, max] over seeds (FD,
+    KID, precision, recall; rows with one seed on either side are compared by value). Returns
+    (agreeing, compared, lines for the disagreements)."""
+    if not os.path.isfile(path):
+        C.fail(f"--check {path} does not exist: give a results.json written by this script")
+    old = {(r["group"], r["K"]): r for r in read_json(path)["rows"]}
+    agree, compared, bad = 0, 0, []
+    for r in res["rows"]:
+        o = old.get((r["group"], r["K"]))
+        for metric in ("fd", "kid", "precision", "recall"):
+            if not o or not o.get(metric) or not r.get(metric):
+                continue
+            compared += 1
+            lo, hi, new = o[metric]["min"], o[metric]["max"], r[metric]["mean"]
+            tol = 1e-9 + 1e-6 * abs(hi)  # float noise when both are one seed
+            if lo - tol <= new <= hi + tol:
+                agree += 1
+            else:
+                bad.append(f"{r['group']} K={r['K']} {metric}: {new:.4g} outside [{lo:.4g}, {hi:.4g}]")
+    return agree, compared, bad
+
+
 def main(argv=None):
     cfg = C.parse_config(Config, argv)
     cfg.runs_dir = cfg.runs_dir or os.path.join("bench", "out", cfg.budget)
@@ -490,6 +515,11 @@ def main(argv=None):
     res = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "budget": cfg.budget, "seeds": cfg.seeds, "flags": {m: BUDGETS[cfg.budget][m] for m in SCRIPTS},
            **aggregate(groups, cfg.runs_dir), "failed": failed}
+    if cfg.check:
+        agree, compared, bad = check_against(res, cfg.check)
+        res["check"] = {"against": cfg.check, "agree": agree, "compared": compared, "outside": bad}
+        print(f"check against {cfg.check}: {agree} of {compared} row metrics inside the committed "
+              f"spread" + "".join(f"\n  {b}" for b in bad), flush=True)
     os.makedirs(cfg.out, exist_ok=True)
     C.write_json(res, os.path.join(cfg.out, "results.json"))
     with open(os.path.join(cfg.out, "table.md"), "w") as fh:
@@ -497,6 +527,7 @@ def main(argv=None):
     written = plots(res, cfg.out)
     print(f"wrote {', '.join(['results.json', 'table.md'] + [os.path.basename(p) for p in written])} "
           f"in {cfg.out}", flush=True)
+
     if failed:
         C.fail(f"{len(failed)} runs failed ({', '.join(failed)}): see their stdout.log; rerun to retry them")
     return res

@@ -2,6 +2,8 @@
 checkpoints. (The Triton kernel against this reference is in test_scale.py.)"""
 import math
 
+import types
+
 import pytest
 import torch
 
@@ -193,6 +195,24 @@ def test_source_counts():
     for bad in [(-1, 1, 0), (0, 0, 0)]:
         with pytest.raises(SystemExit, match="error"):
             C.check_betas(*bad)
+
+
+def test_ramped_betas_and_shared_ddil_flags():
+    betas = (0.5, 0.0, 0.5)
+    assert C.ramped_betas(betas, 0.3, 0.0) == betas  # no ramp: the fixed priors
+    assert C.ramped_betas(betas, 0.0, 0.5) == (1.0, 0.0, 0.0)  # starts as pure data
+    assert C.ramped_betas(betas, 0.25, 0.5) == pytest.approx((0.75, 0.0, 0.25))  # linear
+    assert C.ramped_betas(betas, 0.5, 0.5) == betas and C.ramped_betas(betas, 0.9, 0.5) == betas
+    for frac in (0.0, 0.1, 0.2, 0.4):  # sums to 1 throughout; the teacher's share never moves
+        b = C.ramped_betas((0.25, 0.25, 0.5), frac, 0.4)
+        assert sum(b) == pytest.approx(1.0) and b[1] == 0.25
+    cfg = types.SimpleNamespace(beta_data=1.0, beta_teacher=0.0, beta_student=1.0, beta_ramp=0.5,
+                                eval_every=0, eval_every_samples=250)
+    assert C.check_ddil(cfg) == (0.5, 0.0, 0.5)
+    for field, bad, msg in (("beta_ramp", 1.5, "--beta-ramp"), ("eval_every", -1, "--eval-every"),
+                            ("eval_every_samples", 0, "--eval-every-samples")):
+        with pytest.raises(SystemExit, match=msg):
+            C.check_ddil(types.SimpleNamespace(**{**vars(cfg), field: bad}))
 
 
 def test_buffer_stores_detached_and_keeps_dtype():

@@ -113,6 +113,23 @@ def test_aggregation_over_seeds(tmp_path, monkeypatch, capsys):
     assert "| none | 64 | 3 |" in table and "+DDIL / baseline = 0.50" in table
     assert json.loads((out / "results.json").read_text())["seeds"] == [0, 1, 2]
 
+    # --check: a rerun of the same runs agrees with itself; a shifted committed row does not
+    committed = tmp_path / "committed.json"
+    committed.write_text((out / "results.json").read_text())
+    res = R.main(["--budget", "smoke", "--seeds", "0", "1", "2", "--only", "lcm", "--runs-dir",
+                  str(runs_dir), "--out", str(out), "--no-run", "--check", str(committed)])
+    assert res["check"]["agree"] == res["check"]["compared"] > 0 and not res["check"]["outside"]
+    old = json.loads(committed.read_text())
+    for r in old["rows"]:
+        if (r["variant"], r["K"]) == ("+DDIL", 4):
+            r["fd"].update(min=0.5, max=0.6)  # the rerun's mean 0.2 is now outside
+    committed.write_text(json.dumps(old))
+    res = R.main(["--budget", "smoke", "--seeds", "0", "1", "2", "--only", "lcm", "--runs-dir",
+                  str(runs_dir), "--out", str(out), "--no-run", "--check", str(committed)])
+    assert res["check"]["agree"] == res["check"]["compared"] - 1
+    assert res["check"]["outside"] == ["lcm +DDIL K=4 fd: 0.2 outside [0.5, 0.6]"]
+    assert "check against" in capsys.readouterr().out
+
     # a missing run is reported, and the rest still aggregated
     os.remove(runs_dir / R.run_name("lcm", 4, R.DDIL["lcm"], "none", 2) / "metrics.json")
     res = R.main(["--budget", "smoke", "--seeds", "0", "1", "2", "--only", "lcm", "--runs-dir",
