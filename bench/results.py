@@ -82,6 +82,8 @@ BASELINE = {"pd": (1, 0, 0), "lcm": (1, 0, 0), "dmd2": (0, 0, 1)}  # (beta_data,
 DDIL = {"pd": (0.5, 0, 0.5), "lcm": (0.5, 0, 0.5), "dmd2": (0.5, 0, 0.5)}
 VARIANTS = {"baseline": ("baseline", "none"), "+reflect": ("baseline", "reflect"),
             "+DDIL": ("ddil", "none"), "+DDIL+reflect": ("ddil", "reflect")}
+# a script's own defaults where they are none of the VARIANTS (DMD2's include teacher rollouts)
+DEFAULTS = {"dmd2": ((0.25, 0.25, 0.5), "reflect")}
 ABLATION = [(1, 0, 0), (0.5, 0, 0.5), (0.5, 0.25, 0.25), (0.25, 0, 0.75), (0, 0, 1), (0.34, 0.33, 0.33)]
 # schedules (betas, --beta-ramp): beta_student rising from 0 over the first `ramp` of training (DAgger)
 SCHEDULES = [((0.5, 0, 0.5), 0.5)]
@@ -145,6 +147,10 @@ def plan(cfg):
             continue
         for variant, (which, bound) in VARIANTS.items():
             betas = BASELINE[method] if which == "baseline" else DDIL[method]
+            add(f"{method} {variant}", "main", method, variant, K, betas, bound, cfg.seeds)
+        if method in DEFAULTS:
+            betas, bound = DEFAULTS[method]
+            variant = "defaults: (" + ", ".join(f"{b:g}" for b in betas) + f"), {bound}"
             add(f"{method} {variant}", "main", method, variant, K, betas, bound, cfg.seeds)
         if method == "dmd2":  # a G trained for one step (DDIL changes nothing at K = 1: input = noise)
             add("dmd2 baseline, 1-step G", "main", method, "baseline, 1-step G", 1,
@@ -362,7 +368,9 @@ def table_md(res):
             vs = "" if not d else f"{d['delta']:+.3g}" + {True: " (beyond spread)", False: " (within spread)",
                                                           None: ""}[d["beyond_spread"]]
             n = max((r[m]["n"] for m in METRICS if r[m]), default=0)
-            lines.append(f"| {r['method']} | {r['variant']} | {r['K']} | {n} | " +
+            variant = r["variant"] + (f" (G trained for K = {r['train_steps']})"
+                                      if r["train_steps"] != r["K"] and r["method"] == "dmd2" else "")
+            lines.append(f"| {r['method']} | {variant} | {r['K']} | {n} | " +
                          " | ".join(fmt(r[m]) for m in METRICS) + f" | {vs} |")
         lines.append("")
     if res["teacher"]:
