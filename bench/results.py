@@ -2,7 +2,7 @@
 
 Every method x variant x seed, the LCM mixing-prior ablation, covariate shift and cost:
 
-    python bench/results.py                                   # --budget full: ~2 h, quiet 2-core CPU
+    python bench/results.py                                   # --budget full: ~1.5 h, quiet 2-core CPU
     python bench/results.py --budget smoke --seeds 0 --only lcm --out /tmp/r   # seconds: the plumbing
     python bench/results.py --no-run                          # re-aggregate the runs already there
 
@@ -17,23 +17,25 @@ The grid (tables below; change them there):
             betas (beta_data, beta_teacher, beta_student) are each method's own input distribution
             (PD/LCM: data (1,0,0); DMD2: its backward simulation (0,0,1)); DDIL = (0.5,0,0.5);
             "+reflect" = --bound reflect, else --bound none. LCM reports K = 1, 2, 4 and DMD2
-            K = 1, 4 from their own metrics; DMD2 also trains a 1-step G (baseline only).
+            K = 1, 4 from their own metrics; DMD2 also trains a 1-step G (baseline only), and
+            runs its own DEFAULTS (teacher rollouts, reflect), which no variant covers.
   ablation: LCM at K = 4, bound none, the six priors of ABLATION and the SCHEDULES (--beta-ramp:
             beta_student rising from 0, DAgger's schedule), on the first ABLATION_SEEDS seeds.
 
-Budget "full", per run on a quiet 2-core CPU (measured: LCM 800 iterations with a 2000-sample
-evaluation ~4.5 min, of which ~80 s evaluation; PD 150 iterations/stage ~5 min; DMD2 400
-iterations, batch 32, 4 teacher substeps ~3.5 min; evaluation time ~ proportional to samples):
-  LCM   500 iterations, 1000 eval samples:  ~120 s train + ~40 s eval ~ 2.7 min x 12 runs = 32 min
-  PD    100 iterations/stage (400), 1000 eval, 250 per stage:  ~110 s + ~70 s ~ 3 min x 12 = 36 min
-  DMD2  300 iterations, batch 32, 4 substeps, 1000 eval:  ~100 s + ~40 s ~ 2.3 min x 12 = 28 min
-        + the 1-step G baseline, ~1.5 min x 3 seeds = 5 min
-  ablation: 4 new priors x 2 seeds x 2.7 min = 21.5 min (the other 2 priors reuse main runs)
-  total ~ 2 h (47 runs). Fewer iterations than the scripts' defaults and 1000 instead of 2000
+Budget "full" (measured per run, training + evaluation + the --eval-every curve, on a 2-core CPU):
+  PD    100 iterations/stage (400), 1000 eval samples, 250 per stage:  ~80 s x 12 runs = 16 min
+  LCM   500 iterations, 1000 eval samples:                             ~125 s x 12 = 25 min
+  DMD2  300 iterations, batch 32, 4 teacher substeps, 1000 eval:       ~85 s x 12 = 17 min
+        + the 1-step G baseline ~60 s x 3, + its defaults (teacher rollouts) x 3 = 9 min
+  ablation: 5 new priors/schedules x 2 seeds x ~125 s = 21 min (2 priors reuse main runs)
+  total ~ 1.5 h (52 runs). Fewer iterations than the scripts' defaults and 1000 instead of 2000
 evaluation samples (FD noise floor ~0.03 at 2000 samples, README): absolute FDs are higher than
 the README's single runs; the comparison between variants is what the table is for. Iterations/s
 come from each run's own training loop; with --jobs > 1 runs share the CPU, so compare them only
-at --jobs 1.
+at --jobs 1, and run nothing else meanwhile.
+
+A rerun checks itself against the committed numbers:
+    python bench/results.py --runs-dir /tmp/rerun --out /tmp/rerun-results --check bench/results/results.json
 
 Aggregation (results.json, table.md, *.png in --out): mean, std (n-1) and min/max over seeds of
 FD, KID, precision, recall, entropy per (method, variant, K); the teacher rows (each run's own
@@ -62,7 +64,7 @@ import common as C  # noqa: E402
 
 @dataclass
 class Config:
-    budget: str = "full"           # full (~2 h on a quiet 2-core CPU) or smoke (seconds, for tests)
+    budget: str = "full"           # full (~1.5 h on a quiet 2-core CPU) or smoke (minutes, for tests)
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     out: str = "bench/results"     # results.json, table.md, *.png
     runs_dir: str = ""             # the runs' --out folders; "" = bench/out/<budget>
