@@ -284,10 +284,10 @@ def aggregate(groups, runs_dir):
 
     # the difference to the same method's baseline at the same K; "beyond spread" when the
     # min..max ranges over seeds do not overlap
-    base = {(r["method"], r["K"]): r["fd"] for r in rows
+    base = {(r["method"], r["train_steps"], r["K"]): r["fd"] for r in rows
             if r["kind"] == "main" and r["variant"] == "baseline" and r["fd"]}
-    for r in rows:
-        b = base.get((r["method"], r["K"]))  # (the ablation's rows too: its method's baseline)
+    for r in rows:  # (the ablation's rows too: its method's baseline)
+        b = base.get((r["method"], r["train_steps"], r["K"]))
         is_base = (r["betas"], r["bound"], r["train_steps"]) == (list(BASELINE[r["method"]]), "none", K)
         if r["fd"] and b and not is_base:
             apart = r["fd"]["max"] < b["min"] or r["fd"]["min"] > b["max"]
@@ -303,10 +303,10 @@ def aggregate(groups, runs_dir):
         done = {v: [loaded[n] for n in g["runs"] if n in loaded] for v, g in mg.items()}
         ips = {v: spread([m.get("it_per_s") for m in ms]) for v, ms in done.items()}
         tts = {v: spread([m.get("train_time_s") for m in ms]) for v, ms in done.items()}
-        ratio = {}
+        ratio = {}  # the cost of DDIL: time per iteration against its baseline's, from mean it/s
         for a, b in (("+DDIL", "baseline"), ("+DDIL+reflect", "+reflect")):
             if ips.get(a) and ips.get(b):
-                ratio[f"{a} / {b}"] = ips[a]["mean"] / ips[b]["mean"]
+                ratio[f"{a} / {b}"] = ips[b]["mean"] / ips[a]["mean"]
         # training time for a DDIL run to reach its baseline's final FD (same seed; both FDs from
         # the --eval-every curves, so on the same samples), and the baseline's own time to it
         reach = {}
@@ -327,7 +327,7 @@ def aggregate(groups, runs_dir):
         reach = reach or "not measured (no --eval-every FD curve in the runs' log.jsonl)"
         curves = {v: [fd_curve(os.path.join(runs_dir, n, "log.jsonl")) for n in g["runs"]]
                   for v, g in mg.items()}
-        cost[method] = {"it_per_s": ips, "train_time_s": tts, "it_per_s_ratio": ratio,
+        cost[method] = {"it_per_s": ips, "train_time_s": tts, "time_per_it_ratio": ratio,
                         "time_to_baseline_fd": reach, "fd_curves": curves}
         shift[method] = {}
         for v, g in mg.items():
@@ -391,13 +391,13 @@ def table_md(res):
                 lines.append(f"| {method} | {v} | {fmt(c['it_per_s'][v])} | {fmt(c['train_time_s'][v])} |")
         lines.append("")
         for method, c in res["cost"].items():
-            ratios = ", ".join(f"{k} = {v:.2f}" for k, v in c["it_per_s_ratio"].items()) or "–"
+            ratios = ", ".join(f"{k} = {v:.2f}" for k, v in c["time_per_it_ratio"].items()) or "–"
             reach = c["time_to_baseline_fd"]
             if not isinstance(reach, str):
                 reach = "; ".join(f"{k}: {fmt(v['ddil_s'])} s against {fmt(v['baseline_s'])} s"
                                   + (f" ({v['never_reached']} of {v['runs']} seeds never)"
                                      if v["never_reached"] else "") for k, v in reach.items())
-            lines.append(f"- {method}: iterations/s, ratio of means: {ratios}. "
+            lines.append(f"- {method}: time per iteration (from mean iterations/s): {ratios}. "
                          f"Training time to the baseline's final FD (curve on --eval-every-samples): {reach}.")
         lines.append("")
     if any(res["covariate_shift"].values()):

@@ -96,8 +96,8 @@ def test_aggregation_over_seeds(tmp_path, monkeypatch, capsys):
     assert set(teacher) == {("none", 4), ("none", 64), ("reflect", 4), ("reflect", 64)}
     assert teacher[("none", 64)]["fd"]["n"] == 3 and teacher[("none", 64)]["fd"]["mean"] == pytest.approx(2.0)
     cost = res["cost"]["lcm"]
-    assert cost["it_per_s_ratio"]["+DDIL / baseline"] == pytest.approx(0.5)
-    assert cost["it_per_s_ratio"]["+DDIL+reflect / +reflect"] == pytest.approx(0.5)
+    assert cost["time_per_it_ratio"]["+DDIL / baseline"] == pytest.approx(2.0)
+    assert cost["time_per_it_ratio"]["+DDIL+reflect / +reflect"] == pytest.approx(2.0)
     reach = cost["time_to_baseline_fd"]
     assert set(reach) == {"+DDIL / baseline"}  # the reflect pair has no curves
     assert reach["+DDIL / baseline"]["ddil_s"]["mean"] == 24 and reach["+DDIL / baseline"]["ddil_s"]["n"] == 1
@@ -112,7 +112,7 @@ def test_aggregation_over_seeds(tmp_path, monkeypatch, capsys):
     assert table.splitlines()[2].startswith("Command: `python bench/results.py --budget smoke")
     assert "| lcm | baseline | 4 | 3 | 2 ± 1 [1, 3] |" in table
     assert "| lcm | +DDIL | 4 | 3 | 0.2 ± 0.1 [0.1, 0.3] |" in table and "-1.8 (beyond spread)" in table
-    assert "| none | 64 | 3 |" in table and "+DDIL / baseline = 0.50" in table
+    assert "| none | 64 | 3 |" in table and "+DDIL / baseline = 2.00" in table
     assert json.loads((out / "results.json").read_text())["seeds"] == [0, 1, 2]
 
     # --check: a rerun of the same runs agrees with itself; a shifted committed row does not
