@@ -536,6 +536,17 @@ class UNet(nn.Module):
         return (v, feats) if return_features else v
 
 
+class AtW(nn.Module):
+    """A guidance-distilled student (w_embed) as a plain v-denoiser at a fixed w, for generate."""
+
+    def __init__(self, net, w):
+        super().__init__()
+        self.net, self.w, self.config = net, w, net.config
+
+    def forward(self, x, t, y=None, w=None):
+        return self.net(x, t, y, torch.full_like(t, self.w))
+
+
 def build_unet(preset=None, **overrides):
     cfg = dict(MODEL_PRESETS[preset]) if preset else {}
     cfg.update(overrides)

@@ -359,11 +359,14 @@ def reference_rows(teacher, steps_list, num_samples, dataset="digits", bound="re
 # covariate shift: imitation error on forward-diffused data states vs on the student's own states
 # ----------------------------------------------------------------------------------------------
 
+STATE_FD_DIMS = 256  # covariate_shift's state FD: pixels beyond this are randomly projected
+
+
 @torch.no_grad()
 def covariate_shift(error_fn, data_states, own_states):
     """At each student grid time t: mean imitation error on data states and on own-rollout states,
-    their ratio (DAgger predicts > 1 for the baseline, ~1 with DDIL), and the pixel-space FD
-    between the two state sets. States: {t: x_t [n, C, H, W]}; error_fn(x_t, t) -> errors [n]."""
+    their ratio (DAgger predicts > 1 for the baseline, ~1 with DDIL), and the FD between the two
+    state sets in pixel space (a fixed random projection to STATE_FD_DIMS above that: CIFAR). States: {t: x_t [n, C, H, W]}; error_fn(x_t, t) -> errors [n]."""
     out = {"t": [], "err_data": [], "err_own": [], "ratio": [], "state_fd": []}
     for t in sorted(data_states, reverse=True):  # sampling order: t = 1 first
         e_data = float(error_fn(data_states[t], t).double().mean())
@@ -372,7 +375,12 @@ def covariate_shift(error_fn, data_states, own_states):
         out["err_data"].append(e_data)
         out["err_own"].append(e_own)
         out["ratio"].append(e_own / e_data if e_data > 0 else float("inf"))
-        out["state_fd"].append(frechet_distance(data_states[t].flatten(1), own_states[t].flatten(1)))
+        a, b = data_states[t].flatten(1).double(), own_states[t].flatten(1).double()
+        if a.shape[1] > STATE_FD_DIMS:  # one fixed random projection: FD needs n >> dims
+            P = torch.randn(a.shape[1], STATE_FD_DIMS, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(0)).to(a.device)
+            a, b = a @ P / math.sqrt(STATE_FD_DIMS), b @ P / math.sqrt(STATE_FD_DIMS)
+        out["state_fd"].append(frechet_distance(a, b))
     return out
 
 
@@ -452,6 +460,10 @@ def main(argv=None):
     p.add_argument("--noise-floor", action="store_true",
                    help="also measure real-vs-real halves and two independent sample sets")
     p.add_argument("--floor-steps", type=int, default=64)
+    p.add_argument("--w", type=float, default=None,
+                   help="guidance weight: a class-conditional teacher's CFG weight (default 0), or "
+                        "the w input of a guidance-distilled student (default: the middle of its "
+                        "training range --w-min..--w-max)")
     args = p.parse_args(argv)
     if min(args.steps) <= 0 or args.num_samples < 10 or args.floor_steps <= 0:
         C.fail("--steps and --floor-steps must be positive and --num-samples at least 10")
@@ -465,18 +477,23 @@ def main(argv=None):
         inception_extractor(device, args.inception_weights)  # fail now, before any sampling
     nc = net.num_classes
     y = torch.arange(args.num_samples) % nc if nc else None  # conditional nets: balanced classes
+    w = args.w if args.w is not None else 0.0
+    cfg_w = w  # classifier-free guidance in the sampler (teachers)
+    if net.config.get("w_embed"):  # a guidance-distilled student takes w as an input: fix it
+        w = args.w if args.w is not None else 0.5 * (cfg.get("w_min", 0.0) + cfg.get("w_max", 0.0))
+        net, cfg_w = C.AtW(net, w), 0.0
     t0, rows = time.time(), {}
     if C.is_main():
         print(f"{args.ckpt}: {dataset}, sampler {kind}, bound {bound}, {args.num_samples} samples, "
-              f"seed {args.seed}", flush=True)
+              f"seed {args.seed}" + (f", w {w:g}" if nc else ""), flush=True)
     for K in args.steps:
         m, x = evaluate_net(net, kind, K, args.num_samples, dataset, bound, args.seed, device,
-                            args.data_dir, y=y, cache_dir=args.cache_dir,
+                            args.data_dir, y=y, w=cfg_w, cache_dir=args.cache_dir,
                             inception_weights=args.inception_weights)
         rows[str(K)] = m
         C.save_grid(x[:64], os.path.join(out, f"eval-K{K}.png"), nrow=8)
     result = {"checkpoint": args.ckpt, "dataset": dataset, "sampler": kind, "bound": bound,
-              "num_samples": args.num_samples, "seed": args.seed, "rows": rows}
+              "num_samples": args.num_samples, "seed": args.seed, "w": w if nc else None, "rows": rows}
     if dataset == "digits":
         result["feature_net_heldout_acc"] = digits_features_net(args.cache_dir, args.data_dir)[1] \
             if C.is_main() else None

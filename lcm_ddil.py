@@ -33,7 +33,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common as C
@@ -153,17 +152,6 @@ def sampling_times(steps, grid):
     return C.time_grid(steps)
 
 
-class AtW(nn.Module):
-    """A guidance-distilled student as a plain v-denoiser at a fixed w (for common.generate)."""
-
-    def __init__(self, net, w):
-        super().__init__()
-        self.net, self.w, self.config = net, w, net.config
-
-    def forward(self, x, t, y=None, w=None):
-        return self.net(x, t, y, torch.full_like(t, self.w))
-
-
 def check(cfg):
     C.check_positive(cfg, "iters", "batch_size", "log_every", "ckpt_every", "eval_samples",
                      "buffer_size", "refresh", "refresh_every", "teacher_steps", "grad_accum")
@@ -261,7 +249,7 @@ def main(argv=None):
 
     import evaluate as E  # after init_dist: evaluation splits sampling over ranks
     w_mid = 0.5 * (cfg.w_min + cfg.w_max)
-    sampler = AtW(student, w_mid) if cond else student
+    sampler = C.AtW(student, w_mid) if cond else student
     ev = dict(dataset=cfg.dataset, bound=cfg.bound, seed=cfg.seed, device=device, data_dir=cfg.data_dir)
     log = C.Logger(cfg.out, cfg.iters, step, desc="lcm_ddil")
     while step < cfg.iters:

@@ -174,6 +174,39 @@ def test_covariate_shift_constructed():
     assert cs["state_fd"][1] == pytest.approx(16.0, rel=0.15) and cs["state_fd"][0] < 2.0
 
 
+def test_covariate_shift_projects_wide_states():
+    # 3x16x16 = 768 dims > STATE_FD_DIMS: a fixed random projection keeps the squared mean shift
+    # (768 for +1 per pixel) in expectation and leaves same-distribution sets far below it
+    g = torch.Generator().manual_seed(0)
+    data = {0.5: torch.randn(1000, 3, 16, 16, generator=g)}
+    shifted = {0.5: torch.randn(1000, 3, 16, 16, generator=g) + 1.0}
+    same = {0.5: torch.randn(1000, 3, 16, 16, generator=g)}
+    err = lambda x, t: x.flatten(1).mean(1).abs()  # noqa: E731
+    fd_shift = E.covariate_shift(err, data, shifted)["state_fd"][0]
+    fd_same = E.covariate_shift(err, data, same)["state_fd"][0]
+    assert 0.7 * 768 < fd_shift < 1.4 * 768 and fd_same < 0.15 * 768
+    assert E.covariate_shift(err, data, shifted)["state_fd"][0] == fd_shift  # the projection is fixed
+
+
+def test_cli_samples_a_guidance_distilled_student_at_its_w(cache, tmp_path):
+    net = C.build_unet("digits", num_classes=10, w_embed=True)
+    with torch.no_grad():  # (the w embedding and the output are zero-initialised: make w matter)
+        for p in net.parameters():
+            p.normal_(0.0, 0.05)
+    x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), torch.arange(4)
+    assert torch.equal(C.AtW(net, 2.0)(x, t, y), net(x, t, y, torch.full((4,), 2.0)))
+    assert not torch.allclose(net(x, t, y, torch.full((4,), 2.0)), net(x, t, y, torch.full((4,), 0.0)))
+    ckpt = str(tmp_path / "ckpt.pt")
+    C.save_checkpoint(ckpt, {"net": net.state_dict(), "model_config": net.config, "sampler": "renoise",
+                             "steps": 2, "config": {"dataset": "digits", "bound": "none",
+                                                    "w_min": 1.0, "w_max": 3.0}})
+    args = [ckpt, "--steps", "2", "--num-samples", "20", "--cache-dir", cache, "--out", str(tmp_path)]
+    res = E.main(args)
+    assert res["w"] == 2.0 and math.isfinite(res["rows"]["2"]["fd"])  # the middle of w_min..w_max
+    res_w0 = E.main(args + ["--w", "0"])
+    assert res_w0["w"] == 0.0 and res_w0["rows"]["2"]["fd"] != res["rows"]["2"]["fd"]
+
+
 def test_inception_plumbing_with_stand_in(tmp_path, monkeypatch):
     # fake cifar10 train split, a stand-in extractor (mean colour per channel): real features are
     # computed once, cached on disk by name, and compared with the samples' features
