@@ -267,7 +267,8 @@ def aggregate(groups, runs_dir):
         ms = [loaded[n] for n in g["runs"] if n in loaded]
         for k in sorted({k for m in ms for k in m["student"]}, key=int):
             row = {"group": label, "kind": g["kind"], "method": g["method"], "variant": g["variant"],
-                   "train_steps": g["steps"], "K": int(k), "betas": g["betas"], "bound": g["bound"]}
+                   "train_steps": g["steps"], "K": int(k), "betas": g["betas"], "bound": g["bound"],
+                   "ramp": g["ramp"]}
             for metric in METRICS:
                 row[metric] = spread([m["student"][k][metric] for m in ms if k in m["student"]])
             rows.append(row)
@@ -282,14 +283,16 @@ def aggregate(groups, runs_dir):
     teacher_rows = [{"bound": b, "K": k, **{metric: spread([m[metric] for m in ms]) for metric in METRICS}}
                     for (b, k), ms in sorted(teacher.items())]
 
-    # the difference to the same method's baseline at the same K; "beyond spread" when the
-    # min..max ranges over seeds do not overlap
-    base = {(r["method"], r["train_steps"], r["K"]): r["fd"] for r in rows
-            if r["kind"] == "main" and r["variant"] == "baseline" and r["fd"]}
-    for r in rows:  # (the ablation's rows too: its method's baseline)
-        b = base.get((r["method"], r["train_steps"], r["K"]))
-        is_base = (r["betas"], r["bound"], r["train_steps"]) == (list(BASELINE[r["method"]]), "none", K)
-        if r["fd"] and b and not is_base:
+    # the difference to the same method's baseline trained for the same K and evaluated at the
+    # same K, on the same seeds (the ablation: its own baseline-prior row); "beyond spread" when
+    # the min..max ranges over seeds do not overlap
+    def is_base(r):
+        return r["betas"] == list(BASELINE[r["method"]]) and r["bound"] == "none" and not r["ramp"]
+    base = {(r["kind"], r["method"], r["train_steps"], r["K"]): r["fd"] for r in rows
+            if is_base(r) and r["fd"]}
+    for r in rows:
+        b = base.get((r["kind"], r["method"], r["train_steps"], r["K"]))
+        if r["fd"] and b and not is_base(r):
             apart = r["fd"]["max"] < b["min"] or r["fd"]["min"] > b["max"]
             r["fd_vs_baseline"] = {"delta": r["fd"]["mean"] - b["mean"],  # (no spread from one seed)
                                    "beyond_spread": apart if min(r["fd"]["n"], b["n"]) > 1 else None}
