@@ -30,12 +30,12 @@ def test_plan_covers_the_grid_and_shares_ablation_runs():
     groups, runs = R.plan(R.C.parse_config(R.Config, []))
     main = [g for g in groups.values() if g["kind"] == "main"]
     abl = [g for g in groups.values() if g["kind"] == "ablation"]
-    assert len(main) == 3 * 4 + 1 + len(R.DEFAULTS) and all(len(g["runs"]) == 3 for g in main)
+    assert len(main) == 3 * 4 + 1 + len(R.EXTRA) and all(len(g["runs"]) == 3 for g in main)
     assert len(abl) == len(R.ABLATION) + len(R.SCHEDULES) and all(len(g["runs"]) == 2 for g in abl)
     # LCM (1,0,0) and (0.5,0,0.5) at bound none are the main grid's baseline and +DDIL runs
     assert groups["lcm ablation (1, 0, 0)"]["runs"] == groups["lcm baseline"]["runs"][:2]
     assert groups["lcm ablation (0.5, 0, 0.5)"]["runs"] == groups["lcm +DDIL"]["runs"][:2]
-    assert len(runs) == 3 * 4 * 3 + 3 + 3 * len(R.DEFAULTS) + (len(R.ABLATION) - 2 + len(R.SCHEDULES)) * 2
+    assert len(runs) == 3 * 4 * 3 + 3 + 3 * len(R.EXTRA) + (len(R.ABLATION) - 2 + len(R.SCHEDULES)) * 2
     cfg = R.C.parse_config(R.Config, ["--runs-dir", "x"])
 
     def flags(label, seed=0):
@@ -44,7 +44,7 @@ def test_plan_covers_the_grid_and_shares_ablation_runs():
     f = flags("dmd2 baseline")
     betas_bound = (f["--beta-data"], f["--beta-teacher"], f["--beta-student"], f["--bound"])
     assert betas_bound == ("0", "0", "1", "none")
-    f = flags("dmd2 defaults: (0.25, 0.25, 0.5), reflect", 1)  # the script's defaults, as a row
+    f = flags("dmd2 +DDIL (0.25, 0.25, 0.5)+reflect", 1)  # DMD2 with teacher rollouts
     assert (f["--beta-teacher"], f["--bound"], f["--seed"]) == ("0.25", "reflect", "1")
     f = flags("pd +DDIL+reflect", 2)
     assert (f["--beta-data"], f["--beta-student"], f["--bound"], f["--seed"]) == ("0.5", "0.5", "reflect", "2")
