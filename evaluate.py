@@ -366,8 +366,13 @@ STATE_FD_DIMS = 256  # covariate_shift's state FD: pixels beyond this are random
 def covariate_shift(error_fn, data_states, own_states):
     """At each student grid time t: mean imitation error on data states and on own-rollout states,
     their ratio (DAgger predicts > 1 for the baseline, ~1 with DDIL), and the FD between the two
-    state sets in pixel space (a fixed random projection to STATE_FD_DIMS above that: CIFAR). States: {t: x_t [n, C, H, W]}; error_fn(x_t, t) -> errors [n]."""
+    state sets in pixel space (one fixed random projection to STATE_FD_DIMS above that: CIFAR).
+    States: {t: x_t [n, C, H, W]}; error_fn(x_t, t) -> errors [n]."""
     out = {"t": [], "err_data": [], "err_own": [], "ratio": [], "state_fd": []}
+    dims, P = next(iter(data_states.values()))[0].numel(), None
+    if dims > STATE_FD_DIMS:  # FD needs n >> dims; the projection keeps squared distances
+        P = torch.randn(dims, STATE_FD_DIMS, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(0)) / math.sqrt(STATE_FD_DIMS)
     for t in sorted(data_states, reverse=True):  # sampling order: t = 1 first
         e_data = float(error_fn(data_states[t], t).double().mean())
         e_own = float(error_fn(own_states[t], t).double().mean())
@@ -376,10 +381,9 @@ def covariate_shift(error_fn, data_states, own_states):
         out["err_own"].append(e_own)
         out["ratio"].append(e_own / e_data if e_data > 0 else float("inf"))
         a, b = data_states[t].flatten(1).double(), own_states[t].flatten(1).double()
-        if a.shape[1] > STATE_FD_DIMS:  # one fixed random projection: FD needs n >> dims
-            P = torch.randn(a.shape[1], STATE_FD_DIMS, dtype=torch.float64,
-                            generator=torch.Generator().manual_seed(0)).to(a.device)
-            a, b = a @ P / math.sqrt(STATE_FD_DIMS), b @ P / math.sqrt(STATE_FD_DIMS)
+        if P is not None:
+            P = P.to(a.device)
+            a, b = a @ P, b @ P
         out["state_fd"].append(frechet_distance(a, b))
     return out
 
@@ -477,11 +481,11 @@ def main(argv=None):
         inception_extractor(device, args.inception_weights)  # fail now, before any sampling
     nc = net.num_classes
     y = torch.arange(args.num_samples) % nc if nc else None  # conditional nets: balanced classes
-    w = args.w if args.w is not None else 0.0
-    cfg_w = w  # classifier-free guidance in the sampler (teachers)
     if net.config.get("w_embed"):  # a guidance-distilled student takes w as an input: fix it
         w = args.w if args.w is not None else 0.5 * (cfg.get("w_min", 0.0) + cfg.get("w_max", 0.0))
         net, cfg_w = C.AtW(net, w), 0.0
+    else:  # a teacher: classifier-free guidance in the sampler
+        w = cfg_w = args.w or 0.0
     t0, rows = time.time(), {}
     if C.is_main():
         print(f"{args.ckpt}: {dataset}, sampler {kind}, bound {bound}, {args.num_samples} samples, "

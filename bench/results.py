@@ -306,30 +306,26 @@ def aggregate(groups, runs_dir):
         done = {v: [loaded[n] for n in g["runs"] if n in loaded] for v, g in mg.items()}
         ips = {v: spread([m.get("it_per_s") for m in ms]) for v, ms in done.items()}
         tts = {v: spread([m.get("train_time_s") for m in ms]) for v, ms in done.items()}
-        ratio = {}  # the cost of DDIL: time per iteration against its baseline's, from mean it/s
-        for a, b in (("+DDIL", "baseline"), ("+DDIL+reflect", "+reflect")):
-            if ips.get(a) and ips.get(b):
-                ratio[f"{a} / {b}"] = ips[b]["mean"] / ips[a]["mean"]
-        # training time for a DDIL run to reach its baseline's final FD (same seed; both FDs from
-        # the --eval-every curves, so on the same samples), and the baseline's own time to it
-        reach = {}
+        curves = {v: [fd_curve(os.path.join(runs_dir, n, "log.jsonl")) for n in g["runs"]]
+                  for v, g in mg.items()}
+        # per DDIL / baseline pair: the time per iteration (from mean it/s), and the training time
+        # for each DDIL run to reach the same seed's baseline's final FD, both FDs read off the
+        # --eval-every curves (so on the same samples), beside the baseline's own time to it
+        ratio, reach = {}, {}
         for a, b in (("+DDIL", "baseline"), ("+DDIL+reflect", "+reflect")):
             if a not in mg or b not in mg:
                 continue
-            t_a, t_b, never = [], [], 0
-            for na, nb in zip(mg[a]["runs"], mg[b]["runs"]):
-                ca, cb = (fd_curve(os.path.join(runs_dir, n, "log.jsonl")) for n in (na, nb))
+            if ips[a] and ips[b]:
+                ratio[f"{a} / {b}"] = ips[b]["mean"] / ips[a]["mean"]
+            t_a, t_b = [], []
+            for ca, cb in zip(curves[a], curves[b]):
                 if ca and cb:
-                    target = cb[-1][1]
-                    ta = time_to(ca, target)
-                    never += not math.isfinite(ta)
-                    t_a.append(ta), t_b.append(time_to(cb, target))
+                    t_a.append(time_to(ca, cb[-1][1])), t_b.append(time_to(cb, cb[-1][1]))
             if t_b:
                 reach[f"{a} / {b}"] = {"ddil_s": spread(t_a), "baseline_s": spread(t_b),
-                                       "never_reached": never, "runs": len(t_b)}
+                                       "never_reached": sum(not math.isfinite(t) for t in t_a),
+                                       "runs": len(t_b)}
         reach = reach or "not measured (no --eval-every FD curve in the runs' log.jsonl)"
-        curves = {v: [fd_curve(os.path.join(runs_dir, n, "log.jsonl")) for n in g["runs"]]
-                  for v, g in mg.items()}
         cost[method] = {"it_per_s": ips, "train_time_s": tts, "time_per_it_ratio": ratio,
                         "time_to_baseline_fd": reach, "fd_curves": curves}
         shift[method] = {}
