@@ -144,10 +144,6 @@ def is_main():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -362,15 +358,20 @@ def time_grid(steps, t_max=1.0):
     return torch.linspace(t_max, 0.0, steps + 1)
 
 
-def guided(model, y=None, w=0.0, null_class=None):
-    """A v-denoiser with classifier-free guidance: v = (1 + w) v(x, y) - w v(x, null); w a float
-    or per-sample [B] weights (LCM samples one per state)."""
-    if y is None or (not torch.is_tensor(w) and w == 0):
+def guided(model, y=None, w=0.0):
+    """The v-denoiser (x, t[B]) -> v of `model` at labels y and guidance weight w (a float or
+    per-sample [B]). A guidance-distilled student (w_embed: LCM) takes w as an input; any other
+    class-conditional model gets classifier-free guidance, v = v_u + (1 + w) (v(x, y) - v_u) with
+    v_u = v(x, null label). No labels, or w = 0: one plain pass."""
+    config = getattr(unwrap(model), "config", {})
+    if config.get("w_embed"):
+        return lambda x, t: model(x, t, y, torch.as_tensor(w, dtype=torch.float32, device=x.device).expand(len(x)))
+    if y is None or not (torch.as_tensor(w) != 0).any():
         return lambda x, t: model(x, t, y)
+    null = torch.full_like(y, config["num_classes"])
 
     def denoise(x, t):
-        v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]))
-        v_c, v_u = v.chunk(2)
+        v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
         return v_u + (1.0 + bcast(w, x)) * (v_c - v_u)
     return denoise
 
@@ -398,14 +399,15 @@ def ddim_sample(denoise, x, ts, bound="reflect", noises=None, return_states=Fals
     return (x, states) if return_states else x
 
 
-def generate(net, n, steps, kind="ddim", bound="reflect", y=None, w=0.0, shape=None, device="cpu"):
+def generate(net, n, steps, kind="ddim", bound="clip", y=None, w=0.0, shape=None, device="cpu"):
     """n images in [-1, 1] from noise with K = steps: kind "ddim" (teacher, PD student) or
-    "renoise" (consistency / DMD2 generator: x0_hat = net(x, tau_i), x = alpha x0_hat + sigma z)."""
+    "renoise" (consistency / DMD2 generator: x0_hat = net(x, tau_i), x = alpha x0_hat + sigma z);
+    at labels y [n] and guidance weight w as `guided` applies them."""
     cfg = unwrap(net).config
     shape = shape or (cfg["in_ch"], cfg["resolution"], cfg["resolution"])
     x = torch.randn(n, *shape, device=device)
     noises = [torch.randn_like(x) for _ in range(steps)] if kind == "renoise" else None
-    return ddim_sample(guided(net, y, w, cfg["num_classes"]), x, time_grid(steps), bound, noises)
+    return ddim_sample(guided(net, y, w), x, time_grid(steps), bound, noises)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -534,17 +536,6 @@ class UNet(nn.Module):
                 h = layer[1](layer[0](torch.cat([h, hs.pop()], dim=1), emb))
         v = self.out(h)
         return (v, feats) if return_features else v
-
-
-class AtW(nn.Module):
-    """A guidance-distilled student (w_embed) as a plain v-denoiser at a fixed w, for generate."""
-
-    def __init__(self, net, w):
-        super().__init__()
-        self.net, self.w, self.config = net, w, net.config
-
-    def forward(self, x, t, y=None, w=None):
-        return self.net(x, t, y, torch.full_like(t, self.w))
 
 
 def build_unet(preset=None, **overrides):
@@ -743,6 +734,11 @@ class Batches:
 SOURCES = ("data", "teacher", "student")
 
 
+def random_labels(n, num_classes, device="cpu"):
+    """Uniform class labels for n new samples (None for an unconditional model)."""
+    return torch.randint(0, num_classes, (n,), device=device) if num_classes else None
+
+
 def source_counts(batch_size, betas):
     """Per-source counts round(B * beta), the remainder going to the largest prior (sums to B)."""
     counts = [int(round(batch_size * b)) for b in betas]
@@ -751,75 +747,76 @@ def source_counts(batch_size, betas):
 
 
 class MixingBuffer:
-    """Replay buffer of rollout states (x_t, t, y) for one source ('teacher' or 'student').
+    """Replay buffer of rollout states (x_t, t, y, w) for one source ('teacher' or 'student').
 
-    Rollouts are expensive, so each iteration pushes a few fresh trajectories (every grid state of
-    each) and batches draw uniformly from the stored states. A ring of `capacity` states refreshed
-    with `refresh` trajectories of T grid states per iteration keeps no state longer than
-    ceil(capacity / (refresh * T)) iterations: that is the staleness bound.
-    States are stored detached, on the device and in the dtype they were pushed with.
+    A state keeps every conditioning input that made it (time t, class label y, guidance weight w)
+    and is trained at exactly that conditioning. Rollouts are expensive, so each iteration pushes a
+    few fresh trajectories (every grid state of each) and batches draw uniformly from the stored
+    states. A ring of `capacity` states refreshed with `refresh` trajectories of T grid states per
+    iteration keeps no state longer than ceil(capacity / (refresh * T)) iterations: that is the
+    staleness bound. States are stored detached, on the device and in the dtype they were pushed with.
     """
 
     def __init__(self, capacity):
-        self.capacity, self.size, self.ptr, self.pushes = capacity, 0, 0, 0
-        self.x = self.t = self.y = self.born = None
+        self.capacity, self.size, self.ptr = capacity, 0, 0
+        self.x = self.t = self.y = self.w = None
 
     def __len__(self):
         return self.size
 
-    def push(self, x, t, y=None):
-        """Store states x [N, ...] at times t [N] (labels y [N] or None); oldest go first."""
+    def push(self, x, t, y=None, w=None):
+        """Store states x [N, ...] at times t [N], labels y [N] (None: -1) and guidance weights
+        w [N] (None: 0); the oldest go first. With N > capacity only the newest capacity stay."""
         x = x.detach()
         n = x.shape[0]
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(n)
         y = torch.full((n,), -1, dtype=torch.long, device=x.device) if y is None else y.detach().long()
+        w = torch.as_tensor(0.0 if w is None else w, dtype=torch.float32, device=x.device).expand(n)
         if self.x is None:
             self.x = x.new_empty((self.capacity, *x.shape[1:]))
-            self.t = t.new_empty(self.capacity)
-            self.y = y.new_empty(self.capacity)
-            self.born = torch.empty(self.capacity, dtype=torch.long, device=x.device)
-        idx = (self.ptr + torch.arange(min(n, self.capacity), device=x.device)) % self.capacity
-        self.x[idx], self.t[idx], self.y[idx] = x[-len(idx):], t[-len(idx):], y[-len(idx):]
-        self.born[idx] = self.pushes
-        self.ptr, self.size = int((self.ptr + n) % self.capacity), min(self.capacity, self.size + n)
-        self.pushes += 1
+            self.t, self.y, self.w = t.new_empty(self.capacity), y.new_empty(self.capacity), w.new_empty(self.capacity)
+        m = min(n, self.capacity)
+        idx = (self.ptr + torch.arange(m, device=x.device)) % self.capacity
+        self.x[idx], self.t[idx], self.y[idx], self.w[idx] = x[-m:], t[-m:], y[-m:], w[-m:]
+        self.ptr, self.size = (self.ptr + m) % self.capacity, min(self.capacity, self.size + m)
 
-    def sample(self, n, generator=None):
-        """n states drawn uniformly with replacement: (x [n, ...], t [n], y [n] with -1 = none)."""
-        idx = torch.randint(0, self.size, (n,), generator=generator).to(self.x.device)
-        return self.x[idx], self.t[idx], self.y[idx]
+    def sample(self, n):
+        """n states drawn uniformly with replacement: (x [n, ...], t [n], y [n] (-1 = none), w [n])."""
+        idx = torch.randint(0, self.size, (n,)).to(self.x.device)
+        return self.x[idx], self.t[idx], self.y[idx], self.w[idx]
 
     def state_dict(self):
-        return {k: getattr(self, k) for k in ("x", "t", "y", "born", "size", "ptr", "pushes")}
+        return {k: getattr(self, k) for k in ("x", "t", "y", "w", "size", "ptr")}
 
     def load_state_dict(self, sd):
         for k, v in sd.items():
             setattr(self, k, v)
 
 
-def mixed_states(counts, data_states, buffers, rollouts, refresh, batch_t=None):
-    """Draw one DDIL batch of states: counts = (n_data, n_teacher, n_student).
+def replay(buf, rollout, n, trajectories, traj_len):
+    """n rollout states from buf after pushing `trajectories` fresh ones from rollout(m) -> (x, t,
+    y, w) (m trajectories, traj_len states each, made without grad); the first batches push as many
+    as the buffer needs to serve n. None when n = 0 (the source is off: no rollout runs)."""
+    if n == 0:
+        return None
+    need = max(trajectories, math.ceil((n - len(buf)) / traj_len))
+    if need > 0:
+        with torch.no_grad():
+            buf.push(*rollout(need))
+    return buf.sample(n)
 
-    data_states(n) -> (x_t, t, y): forward-diffused data at grid times (fresh every batch).
-    rollouts[src](n) -> (x_t, t, y): n fresh trajectories, every grid state, without grad.
-    Each iteration pushes `refresh` trajectories per used rollout source, more at first so the
-    buffer can serve the batch. Returns (x_t, t, y, source index [B]).
-    """
-    xs, ts, ys, srcs = [], [], [], []
-    for i, (name, n) in enumerate(zip(SOURCES, counts)):
-        if n == 0:
-            continue
-        if name == "data":
-            x, t, y = data_states(n)
-        else:
-            buf = buffers[name]
-            need = refresh if len(buf) >= n else max(refresh, n)
-            with torch.no_grad():
-                buf.push(*rollouts[name](need))
-            x, t, y = buf.sample(n)
-        xs.append(x), ts.append(t), ys.append(y)
-        srcs.append(torch.full((n,), i, dtype=torch.long, device=x.device))
-    return torch.cat(xs), torch.cat(ts), torch.cat(ys), torch.cat(srcs)
+
+def cat_states(*parts):
+    """Concatenate (x, t, y, w) state batches from the DDIL sources (None or empty: skipped; y None:
+    no labels, -1; w None: 0); also returns each state's source (0 data, 1 teacher, 2 student)."""
+    used = [(i, p) for i, p in enumerate(parts) if p is not None and len(p[0])]
+    x, t = (torch.cat([p[k] for _, p in used]) for k in range(2))
+    y = torch.cat([torch.full((len(p[0]),), -1, device=x.device) if p[2] is None else p[2].long()
+                   for _, p in used])
+    w = torch.cat([torch.as_tensor(0.0 if p[3] is None else p[3], dtype=torch.float32,
+                                   device=x.device).expand(len(p[0])) for _, p in used])
+    src = torch.cat([torch.full((len(p[0]),), i, dtype=torch.long, device=x.device) for i, p in used])
+    return x, t, y, w, src
 
 
 # ----------------------------------------------------------------------------------------------
@@ -919,8 +916,8 @@ def write_json(obj, path):
 # teacher loading
 # ----------------------------------------------------------------------------------------------
 
-def default_teacher_path(dataset):
-    return os.path.join("runs", f"teacher-{dataset}", "ckpt.pt")
+def default_teacher_path(dataset, cond=False):
+    return os.path.join("runs", f"teacher-{dataset}{'-cond' if cond else ''}", "ckpt.pt")
 
 
 def load_net(path, device="cpu"):
@@ -940,23 +937,32 @@ def load_net(path, device="cpu"):
     return model.eval().requires_grad_(False), ck.get("sampler", "ddim"), ck
 
 
-def load_teacher(path, dataset, device="cpu"):
+def load_teacher(path, dataset, device="cpu", cond=False):
     """The teacher's EMA network (eval mode, frozen) and its saved config dict.
 
-    With no path, runs/teacher-<dataset>/ckpt.pt; when that is missing, train it first through
-    teacher.py (saying so), so a method script runs end to end on a fresh machine.
+    With no path, runs/teacher-<dataset>[-cond]/ckpt.pt; when that is missing, train it first
+    through teacher.py (saying so), so a method script runs end to end on a fresh machine.
     """
     if not path:
-        path = default_teacher_path(dataset)
+        path = default_teacher_path(dataset, cond)
         if not os.path.isfile(path):
+            args = ["--dataset", dataset, "--out", os.path.dirname(path)] + (["--cond"] if cond else [])
             if is_main():
                 print(f"no teacher at {path}: training the default {dataset} teacher first "
-                      f"(python teacher.py --dataset {dataset})", flush=True)
+                      f"(python teacher.py {' '.join(args)})", flush=True)
             import teacher
-            teacher.main(["--dataset", dataset, "--out", os.path.dirname(path)])
+            teacher.main(args)
             barrier()
     model, _, ck = load_net(path, device)
     if ck.get("config", {}).get("dataset") != dataset:
         fail(f"teacher {path} was trained on {ck.get('config', {}).get('dataset')!r} but --dataset "
              f"is {dataset!r}; pass a matching --teacher")
     return model, ck["config"]
+
+
+def student_of(teacher, **overrides):
+    """A trainable copy of the teacher without dropout (distillation trains students without it;
+    PD, CD), with config overrides such as w_embed=True (new layers start at zero)."""
+    student = UNet(**{**teacher.config, "dropout": 0.0, **overrides}).to(next(teacher.parameters()).device)
+    load_weights(student, teacher.state_dict(), "teacher", strict=not overrides.get("w_embed"))
+    return student.train().requires_grad_(True)

@@ -10,6 +10,9 @@ Distribution matching (DMD) on G's sample x, per sample:
     p_real = x - T_x0(x_t),  p_fake = x - F_x0(x_t)
     grad   = (p_real - p_fake) / mean_CHW |p_real|
     L_DM   = 0.5 ||x - sg(x - grad)||^2            (so dL/dx = grad: the KL gradient, normalised)
+Guidance (class-conditional teachers, as DMD2's text-to-image runs): the real score is the
+teacher classifier-free guided at --guidance w, T_x0 from v_u + (1 + w)(v(x_t, y) - v_u); G and F
+are plain conditional networks at the sample's label y.
 Fake score: the teacher's v loss on sg(x) at t ~ U[0, 1].
 GAN: a small head D on F's bottleneck features, noised data vs noised G samples, non-saturating:
     L_G += gan_weight * softplus(-D(x_t)),   L_D = disc_weight * (softplus(-D(real_t)) + softplus(D(x_t)))
@@ -17,7 +20,7 @@ Two time scales: F and D step every iteration, G every --fake-updates iterations
 
 G's inputs, the DDIL part. DMD2 trains a multi-step G on its own "backward simulation": noise ->
 G -> re-noise -> G ... stopped at a grid time tau_i, without grad. DDIL replaces that input
-distribution by the mixture of common.mixed_states, with priors
+distribution by the mixture drawn in the training loop (common.replay), with priors
     beta_data    real data forward-diffused to tau_i,
     beta_teacher the teacher's DDIM rollout (--teacher-substeps steps per student step) to tau_i,
     beta_student G's own backward simulation (DMD2's input distribution),
@@ -27,7 +30,8 @@ betas, and DDIL changes nothing there but the bound on G's sample.
 
 Choices and deviations (DMD2 code: tianweiy/DMD2):
 - The real/fake x0 in the DM gradient are the raw network predictions (no bound): they stand for
-  scores, not sampler steps. --bound acts on G's sample, every rollout and the evaluation.
+  scores, not sampler steps. --bound acts on G's sample in training and every rollout;
+  --sample-bound (default clip, as published samplers) on evaluation samples.
 - The 1/2 ||.||^2 is a mean over elements as in DMD2's code, so the published GAN weights apply.
 - The GAN noise level is drawn like the DM one, t ~ U[0.02, 0.98]; the real images are the step's
   data batch, which also feeds the data source of the mixture.
@@ -38,18 +42,16 @@ Choices and deviations (DMD2 code: tianweiy/DMD2):
   G's sample and the teacher's DDIM sample from the same x_t (teacher_substeps steps per student
   step down to 0): G is trained to sample, so the teacher's *sample* from that state, not its
   one-step x0 mean, is the label it should imitate.
-- Defaults: DDIL's reflection on DMD2's own inputs, betas (0, 0, 1) + --bound reflect. In
-  bench/results (digits, 4-step G, 300 iterations, 3 seeds) that was the best FD, 0.392 +- 0.039
-  against 0.571 +- 0.116 for DMD2 (bound none, beyond the seed spread); adding data and teacher
-  states, (0.25, 0.25, 0.5) + reflect, gave 0.434 +- 0.100 at 1.46x the time per iteration, and
-  (0.5, 0, 0.5) + reflect 0.485 +- 0.180. DMD2's backward simulation is already on-policy (the
-  covariate-shift ratio err_own / err_data is 0.93 to 1.07 for it): the mixing has little to fix.
+- Defaults: DDIL's reflection on DMD2's own inputs, betas (0, 0, 1) + --bound reflect, the best
+  variant of the digits benchmark (bench/results).
 
     python dmd2_ddil.py                        # digits, CPU, 4-step G: DMD2 + reflection
     python dmd2_ddil.py --beta-data 0.5 --beta-student 0.5        # + DDIL's data states
     python dmd2_ddil.py --bound none           # DMD2 as published
+    python dmd2_ddil.py --cond --guidance 2    # the guided, class-conditional digits lab
 """
 import copy
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -66,7 +68,7 @@ import common as C
 class Config:
     dataset: str = "digits"
     data_dir: str = "data"
-    out: str = ""                  # default runs/dmd2_ddil-<dataset>
+    out: str = ""                  # default runs/dmd2_ddil-<dataset>[-cond]
     iters: int = 1500
     batch_size: int = 64           # per process
     lr: float = 1e-4               # G and F (with the GAN head) alike
@@ -74,7 +76,8 @@ class Config:
     device: str = ""
     ckpt_every: int = 500
     log_every: int = 25
-    teacher: str = ""              # "" = runs/teacher-<dataset>/ckpt.pt (trained first if missing)
+    teacher: str = ""              # "" = runs/teacher-<dataset>[-cond]/ckpt.pt (trained first if missing)
+    cond: bool = False             # the default teacher is the class-conditional one
     steps: int = 4                 # K, G's sampling steps
     beta_data: float = 0.0         # measured best on digits: DMD2's own inputs + reflect
     beta_teacher: float = 0.0      # (module docstring, bench/results/table.md)
@@ -82,7 +85,8 @@ class Config:
     beta_ramp: float = 0.0         # beta_student rises from 0 over this fraction of training
     eval_every: int = 0            # FD at K every this many iterations into log.jsonl (0 = off)
     eval_every_samples: int = 250  # ... on this many samples (the same noise each time)
-    bound: str = "reflect"
+    bound: str = "reflect"         # training: G's samples and the rollouts
+    sample_bound: str = "clip"     # evaluation samples (published samplers clip)
     buffer_size: int = 256         # states per rollout source
     refresh: int = 4               # fresh trajectories per source per iteration
     teacher_substeps: int = 8      # teacher DDIM steps per student step (rollouts, diagnostic labels)
@@ -97,14 +101,14 @@ class Config:
     shift_samples: int = 256       # states per grid time in the covariate-shift diagnostic
     bf16: bool = True              # autocast on CUDA only (DMD2: bf16 needed, fp16 diverged)
     compile: bool = False          # torch.compile G's and F's training forwards (eager on failure)
-    CHOICES = {"bound": C.BOUNDS}  # not a field: parse_config's argparse choices
+    CHOICES = {"bound": C.BOUNDS, "sample_bound": C.BOUNDS}  # not a field: argparse choices
 
 
 PRESETS = {  # per-process batch for 8 GPUs; DMD2's ImageNet-64 recipe: lr 2e-6 for G and F, 5 F
     # steps per G step, GAN weights 3e-3 / 1e-2, bf16. Global batch 8 x 40 = 320 and 200k iterations
     # are this code's choice (DMD2's own run length and batch are not checked here).
     "imagenet64": dict(iters=200_000, batch_size=40, lr=2e-6, fake_updates=5, ckpt_every=5000,
-                       log_every=100, buffer_size=8192, eval_samples=50_000),
+                       log_every=100, buffer_size=8192, eval_samples=50_000, cond=True),
     # no published CIFAR-10 DMD2 recipe: the ImageNet-64 one, at a 32x32 batch of 8 x 64 = 512
     "cifar10": dict(iters=200_000, batch_size=64, lr=2e-6, fake_updates=5, ckpt_every=5000,
                     log_every=100, buffer_size=8192, eval_samples=50_000),
@@ -175,63 +179,118 @@ def fake_score_loss(fake, head, x, real, y, y_real, gan, t_min, t_max):
     return F.mse_loss(v_pred[:B].float(), v), gan_d_loss(logits_real, logits_fake)
 
 
-# ---- G's inputs: rollouts ---------------------------------------------------------------------
+# ---- G's inputs: DDIL's three state sources, (x_t, t, y, w) at the sampling times tau_i ---------
+
+def data_states(x0, y, taus):
+    """Real data forward-diffused to a random sampling time: x_t = alpha x0 + sigma eps, t ~ U{taus}."""
+    t = taus.to(x0.device)[torch.randint(0, len(taus), (x0.shape[0],), device=x0.device)]
+    alpha, sigma = coefs(t, x0)
+    return alpha * x0 + sigma * torch.randn_like(x0), t, y, None
+
 
 @torch.no_grad()
-def backward_simulation(G, x1, taus, bound, y=None):
+def backward_simulation(G, x1, y, taus, bound):
     """DMD2's backward simulation: G's re-noising sampler from noise x1 at tau_1 to tau_K, no grad.
-    Returns the states at every grid time, [K * n] (tau-major) and their times."""
+    Returns the states at every sampling time, [K n] (tau-major), with their times and labels."""
     K = len(taus)
     noises = [torch.randn_like(x1) for _ in range(K - 1)]
-    x, states = C.ddim_sample(lambda x, t: G(x, t, y), x1, taus, bound, noises, return_states=True)
-    return torch.cat(states + [x]), taus.to(x1.device).repeat_interleave(len(x1))
+    x, states = C.ddim_sample(C.guided(G, y), x1, taus, bound, noises, return_states=True)
+    return _trajectory(states + [x], taus, y, None)
 
 
 @torch.no_grad()
-def teacher_rollout(T, x1, taus, substeps, bound, y=None, w=0.0):
-    """The teacher's DDIM from x1 at tau_1 down to tau_K on a grid `substeps` times finer; returns
-    the states at the student grid times, [K * n], and their times."""
+def teacher_rollout(T, x1, y, w, taus, substeps, bound):
+    """The (guided) teacher's DDIM from x1 at tau_1 down to tau_K on a grid `substeps` times finer;
+    returns the states at the sampling times, [K n], with their times, labels and guidance."""
     K = len(taus)
     fine = C.time_grid(K * substeps)[:(K - 1) * substeps + 1]
-    x, states = C.ddim_sample(C.guided(T, y, w, T.num_classes), x1, fine, bound, return_states=True)
-    return torch.cat(states[::substeps] + [x]), taus.to(x1.device).repeat_interleave(len(x1))
+    x, states = C.ddim_sample(C.guided(T, y, w), x1, fine, bound, return_states=True)
+    return _trajectory(states[::substeps] + [x], taus, y, w)
+
+
+def _trajectory(states, taus, y, w):
+    n, K = len(states[0]), len(states)
+    t = taus.to(states[0].device).repeat_interleave(n)
+    return torch.cat(states).float(), t, None if y is None else y.repeat(K), w
 
 
 @torch.no_grad()
-def teacher_sample_from(T, x_t, t, K, substeps, bound):
-    """The teacher's DDIM sample from states x_t at one student grid time t (the imitation label)."""
+def teacher_sample_from(T, x_t, t, K, substeps, bound, y=None, w=0.0):
+    """The teacher's DDIM sample from states x_t at one sampling time t (G's imitation label)."""
     i = int(round((1.0 - t) * K))
-    return C.ddim_sample(C.guided(T), x_t, C.time_grid(K * substeps)[i * substeps:], bound)
+    return C.ddim_sample(C.guided(T, y, w), x_t, C.time_grid(K * substeps)[i * substeps:], bound)
+
+
+# ---- the two updates --------------------------------------------------------------------------
+
+def generator_sample(G, x_in, t_in, y, bound):
+    """G's sample x0 = bound(alpha x - sigma v_G(x, tau)) from states x_in at times t_in."""
+    alpha, sigma = coefs(t_in, x_in)
+    return C.bound_x0(C.x0_from_v(x_in, G(x_in, t_in, y).float(), alpha, sigma), bound)
+
+
+def generator_update(G_train, G, fake, head, T, opt, x, y, cfg):
+    """One step of G on its samples x: the DM loss against the guided real score and the fake
+    score, plus the GAN generator loss. F and D get no gradient. Returns {loss name: value}."""
+    fake.requires_grad_(False), head.requires_grad_(False)
+    with C.autocast(x.device, cfg.bf16):
+        loss_dm, _ = dm_loss(x, C.guided(T, y, cfg.guidance), lambda x, t: fake(x, t, y),
+                             cfg.t_min, cfg.t_max)
+        loss, rec = loss_dm, {"loss_dm": loss_dm.item()}
+        if cfg.gan_weight > 0:
+            tg = cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(x.shape[0], device=x.device)
+            ag, sg = coefs(tg, x)
+            feats = fake(ag * x + sg * torch.randn_like(x), tg, y, return_features=True)[1]
+            loss_gan = gan_g_loss(head(feats).float().squeeze(1))
+            loss, rec["loss_gan_g"] = loss + cfg.gan_weight * loss_gan, loss_gan.item()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(G.parameters(), cfg.grad_clip)
+    opt.step()
+    fake.requires_grad_(True), head.requires_grad_(True)
+    return rec
+
+
+def fake_score_update(fake_train, head_train, fake, head, opt, x, real, y, y_real, cfg):
+    """One step of F (and the GAN head D) on G's detached samples x and the real batch."""
+    gan = cfg.gan_weight > 0
+    with C.autocast(x.device, cfg.bf16):
+        loss_f, loss_d = fake_score_loss(fake_train, head_train, x, real, y, y_real, gan,
+                                         cfg.t_min, cfg.t_max)
+        loss = loss_f + (cfg.disc_weight * loss_d if gan else 0.0)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(fake.parameters()) + list(head.parameters()), cfg.grad_clip)
+    opt.step()
+    return {"loss_fake": loss_f.item(), **({"loss_d": loss_d.item()} if gan else {})}
 
 
 # ---- the run ----------------------------------------------------------------------------------
 
 def main(argv=None):
     cfg = C.parse_config(Config, argv, PRESETS)
-    cfg.out = cfg.out or os.path.join("runs", f"dmd2_ddil-{cfg.dataset}")
+    cfg.out = cfg.out or os.path.join("runs", f"dmd2_ddil-{cfg.dataset}{'-cond' if cfg.cond else ''}")
     C.check_positive(cfg, "iters", "batch_size", "log_every", "ckpt_every", "steps", "buffer_size",
                      "refresh", "teacher_substeps", "fake_updates", "eval_samples",
                      "shift_samples")
-    if cfg.gan_weight < 0 or cfg.disc_weight < 0:
-        C.fail("--gan-weight and --disc-weight must be >= 0")
+    if cfg.gan_weight < 0 or cfg.disc_weight < 0 or cfg.guidance < 0:
+        C.fail("--gan-weight, --disc-weight and --guidance must be >= 0")
     if not 0.0 <= cfg.t_min < cfg.t_max <= 1.0:
         C.fail(f"need 0 <= --t-min < --t-max <= 1, got {cfg.t_min}, {cfg.t_max}")
     betas = C.check_ddil(cfg)
     rank, world, device = C.init_dist(cfg.device)
     data = C.load_dataset(cfg.dataset, cfg.data_dir)
-    T, _ = C.load_teacher(cfg.teacher, cfg.dataset, device)
+    T, _ = C.load_teacher(cfg.teacher, cfg.dataset, device, cfg.cond)
     C.save_config(cfg, cfg.out)
+    nc, K = T.num_classes, cfg.steps
+    cfg.guidance = cfg.guidance if nc else 0.0
 
-    # students copy the teacher (without dropout, as in distillation practice)
-    student_config = {**T.config, "dropout": 0.0}
-    G = C.UNet(**student_config).to(device)
-    C.load_weights(G, T.state_dict(), what="generator")
+    G = C.student_of(T)  # G and F copy the teacher, without dropout
     fake = copy.deepcopy(G)
     torch.manual_seed(cfg.seed)  # the head's random init: same seed, same run
     head = gan_head(T.mid_ch).to(device)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr)
     opt_f = torch.optim.Adam(list(fake.parameters()) + list(head.parameters()), lr=cfg.lr)
-    K, gan, cond = cfg.steps, cfg.gan_weight > 0, T.num_classes > 0
     taus = C.time_grid(K)[:-1]
     buffers = {"teacher": C.MixingBuffer(cfg.buffer_size), "student": C.MixingBuffer(cfg.buffer_size)}
     ckpt_path, step, train_time = os.path.join(cfg.out, "ckpt.pt"), 0, 0.0
@@ -250,160 +309,87 @@ def main(argv=None):
             print(f"resuming from {ckpt_path} at step {step}", flush=True)
     G_train = DDP(G) if world > 1 else G
     fake_train = DDP(fake) if world > 1 else fake
-    head_train = DDP(head) if world > 1 and gan else head
+    head_train = DDP(head) if world > 1 and cfg.gan_weight > 0 else head
     shape = (G.config["in_ch"], G.config["resolution"], G.config["resolution"])
     B = cfg.batch_size
-    y_try = torch.zeros(B, dtype=torch.long, device=device) if cond else None
+    y_try = torch.zeros(B, dtype=torch.long, device=device) if nc else None
     G_train, fake_train = (C.maybe_compile(n, torch.zeros(B, *shape, device=device), torch.rand(B, device=device),
                                            y_try, enabled=cfg.compile) for n in (G_train, fake_train))
     if C.is_main():
         print(f"dmd2_ddil: K={K}, betas (data, teacher, student) = {betas}, bound {cfg.bound}, "
-              f"GAN {'on' if gan else 'off'}, global batch {cfg.batch_size * world}, {device}"
+              f"GAN {'on' if cfg.gan_weight > 0 else 'off'}" + (f", guidance w {cfg.guidance:g}" if nc else "")
+              + f", global batch {cfg.batch_size * world}, {device}"
               + ("; K = 1: G's input is pure noise, the betas do not apply" if K == 1 else ""), flush=True)
 
-    def labels(n):
-        return torch.randint(0, T.num_classes, (n,), device=device) if cond else None
+    def new_trajectories(n):  # noise and labels of n fresh rollouts
+        return torch.randn(n, *shape, device=device), C.random_labels(n, nc, device)
 
-    def generator_inputs(real, y_real):
-        """(x, t, y) for G: pure noise when K = 1, else the DDIL mixture of states at the taus."""
-        B = real.shape[0]
-        if K == 1:
-            return torch.randn_like(real), torch.ones(B, device=device), labels(B)
-
-        def data_states(n):
-            t = taus.to(device)[torch.randint(0, K, (n,), device=device)]
-            alpha, sigma = coefs(t, real[:n])
-            y = y_real[:n] if cond else torch.full((n,), -1, device=device)  # -1: no label
-            return alpha * real[:n] + sigma * torch.randn_like(real[:n]), t, y
-
-        def rollout(fn):
-            def run(n):
-                x1, y = torch.randn(n, *real.shape[1:], device=device), labels(n)
-                with C.autocast(device, cfg.bf16):
-                    x, t = fn(x1, y)
-                return x.float(), t, None if y is None else y.repeat(K)
-            return run
-        rollouts = {"teacher": rollout(lambda x1, y: teacher_rollout(T, x1, taus, cfg.teacher_substeps,
-                                                                     cfg.bound, y, cfg.guidance)),
-                    "student": rollout(lambda x1, y: backward_simulation(G, x1, taus, cfg.bound, y))}
-        counts = C.source_counts(B, C.ramped_betas(betas, step / cfg.iters, cfg.beta_ramp))
-        x, t, y, _ = C.mixed_states(counts, data_states, buffers, rollouts, cfg.refresh)
-        return x, t, (y if cond else None)
-
-    def checkpoint():
-        C.save_checkpoint(ckpt_path, {
-            "net": G.state_dict(), "model_config": G.config, "sampler": "renoise", "steps": K,
-            "config": asdict(cfg), "fake": fake.state_dict(), "head": head.state_dict(),
-            "opt_g": opt_g.state_dict(), "opt_f": opt_f.state_dict(), "step": step,
-            "buffers": {k: b.state_dict() for k, b in buffers.items()}, "train_time_s": train_time})
-
-    import evaluate  # after init_dist: evaluation splits sampling over ranks
-    ev = dict(dataset=cfg.dataset, bound=cfg.bound, seed=cfg.seed, device=device, data_dir=cfg.data_dir)
+    import evaluate as E  # after init_dist: evaluation splits sampling over ranks
+    # G is sampled plainly (w = 0): it has learnt the guided real score's distribution
+    ev = dict(dataset=cfg.dataset, bound=cfg.sample_bound, seed=cfg.seed, device=device,
+              data_dir=cfg.data_dir, w=0.0)
     batches = C.Batches(data, cfg.batch_size, cfg.seed, rank, world, device)
     log = C.Logger(cfg.out, cfg.iters, step, desc="dmd2_ddil")
     while step < cfg.iters:
         t0 = time.time()
         C.step_seed(cfg.seed, rank, step)
         real, y_real = batches.get(step)
-        x_in, t_in, y = generator_inputs(real, y_real)
+        y_real = y_real if nc else None
+        if K == 1:  # G's input is pure noise at tau_1 = 1
+            x_in, t_in, y = torch.randn_like(real), torch.ones(B, device=device), C.random_labels(B, nc, device)
+        else:
+            n_data, n_teacher, n_student = C.source_counts(
+                B, C.ramped_betas(betas, step / cfg.iters, cfg.beta_ramp))
+            x_in, t_in, y, _, _ = C.cat_states(
+                data_states(real[:n_data], None if y_real is None else y_real[:n_data], taus),
+                C.replay(buffers["teacher"], lambda n: teacher_rollout(
+                    T, *new_trajectories(n), cfg.guidance, taus, cfg.teacher_substeps, cfg.bound),
+                    n_teacher, cfg.refresh, K),
+                C.replay(buffers["student"], lambda n: backward_simulation(G, *new_trajectories(n), taus, cfg.bound),
+                         n_student, cfg.refresh, K))
+            y = y if nc else None
+        # every iteration makes samples for F; every fake_updates-th one also steps G on them
         g_step = step % cfg.fake_updates == 0
-        # generator turn: every iteration makes samples for F; every fake_updates-th one steps G
         with torch.set_grad_enabled(g_step), C.autocast(device, cfg.bf16):
-            alpha, sigma = coefs(t_in, x_in)
-            x = C.bound_x0(C.x0_from_v(x_in, (G_train if g_step else G)(x_in, t_in, y).float(),
-                                       alpha, sigma), cfg.bound)
-        rec = {}
-        if g_step:
-            fake.requires_grad_(False), head.requires_grad_(False)  # G's loss steps G only
-            with C.autocast(device, cfg.bf16):
-                real_score = C.guided(T, y, cfg.guidance, T.num_classes)
-                loss_dm, _ = dm_loss(x, real_score, lambda x, t: fake(x, t, y), cfg.t_min, cfg.t_max)
-                loss_g = loss_dm
-                if gan:
-                    tg = cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(x.shape[0], device=device)
-                    ag, sg = coefs(tg, x)
-                    feats = fake(ag * x + sg * torch.randn_like(x), tg, y, return_features=True)[1]
-                    loss_gan = gan_g_loss(head(feats).float().squeeze(1))
-                    loss_g = loss_g + cfg.gan_weight * loss_gan
-                    rec["loss_gan_g"] = loss_gan.item()
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            torch.nn.utils.clip_grad_norm_(G.parameters(), cfg.grad_clip)
-            opt_g.step()
-            fake.requires_grad_(True), head.requires_grad_(True)
-            rec["loss_dm"] = loss_dm.item()
-        # fake-score turn (and the GAN head), every iteration
-        with C.autocast(device, cfg.bf16):
-            loss_f, loss_d = fake_score_loss(fake_train, head_train, x, real, y,
-                                             y_real if cond else None, gan, cfg.t_min, cfg.t_max)
-            loss = loss_f + (cfg.disc_weight * loss_d if gan else 0.0)
-        opt_f.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(fake.parameters()) + list(head.parameters()), cfg.grad_clip)
-        opt_f.step()
+            x = generator_sample(G_train if g_step else G, x_in, t_in, y, cfg.bound)
+        rec = generator_update(G_train, G, fake, head, T, opt_g, x, y, cfg) if g_step else {}
+        rec.update(fake_score_update(fake_train, head_train, fake, head, opt_f, x, real, y, y_real, cfg))
         step += 1
         train_time += time.time() - t0
         log.update()
         if step % cfg.log_every == 0 or step == cfg.iters:
-            rec.update(loss_fake=loss_f.item(), **({"loss_d": loss_d.item()} if gan else {}))
-            if any(v != v or abs(v) == float("inf") for v in rec.values()):
+            if not all(math.isfinite(v) for v in rec.values()):
                 C.fail(f"a loss is not finite at step {step} ({rec}); the last good checkpoint is "
                        f"{ckpt_path}; lower --lr and rerun (it resumes)")
             log.log(step, train_s=round(train_time, 3), **rec)
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iters):
             log.log(step, train_s=round(train_time, 3),
-                    **evaluate.fd_during_training(G, "renoise", K, cfg.eval_every_samples, **ev))
+                    **E.fd_during_training(G, "renoise", K, cfg.eval_every_samples, **ev))
         if step % cfg.ckpt_every == 0 or step == cfg.iters:
-            checkpoint()
+            C.save_checkpoint(ckpt_path, {
+                "net": G.state_dict(), "model_config": G.config, "sampler": "renoise", "steps": K,
+                "w": cfg.guidance, "config": asdict(cfg), "fake": fake.state_dict(),
+                "head": head.state_dict(), "opt_g": opt_g.state_dict(), "opt_f": opt_f.state_dict(),
+                "step": step, "buffers": {k: b.state_dict() for k, b in buffers.items()},
+                "train_time_s": train_time})
     log.close()
 
-    # ---- final evaluation: G at 1 and K steps, the teacher at the same K and at 64 -----------
+    # final evaluation: G at 1 and K steps; the guided teacher at the same K and at 64
     G.eval()
-    student, samples = {}, None
-    for k in sorted({1, K}):
-        student[str(k)], samples = evaluate.evaluate_net(G, "renoise", k, cfg.eval_samples, **ev)
-    teacher_rows = evaluate.reference_rows(T, sorted({1, K, 64}), cfg.eval_samples, **ev)
-    shift = covariate_shift(G, T, data, taus, cfg, device) if K > 1 else {}
-    if C.is_main():
-        C.save_grid(samples[:64], os.path.join(cfg.out, "samples.png"))
-        metrics = {"student": student, "teacher": {str(k): m for k, m in teacher_rows.items()},
-                   "covariate_shift": shift, "it_per_s": step / max(train_time, 1e-9),
-                   "train_time_s": train_time, "config": asdict(cfg)}
-        C.write_json(metrics, os.path.join(cfg.out, "metrics.json"))
-        for k, m in student.items():
-            print(f"G {k}-step: " + ", ".join(f"{n} {fmt(v)}" for n, v in m.items()), flush=True)
-        for k, m in metrics["teacher"].items():
-            print(f"teacher {k}-step DDIM: " + ", ".join(f"{n} {fmt(v)}" for n, v in m.items()), flush=True)
+
+    def imitation_error(x_t, t, y):  # G's sample vs the teacher's DDIM sample from the state
+        with torch.no_grad():
+            g = generator_sample(G, x_t, torch.full((len(x_t),), t, device=device), y, cfg.bound)
+            label = teacher_sample_from(T, x_t, t, K, cfg.teacher_substeps, cfg.bound, y, cfg.guidance)
+            return (g - label).pow(2).mean(dim=(1, 2, 3))
+    ks = sorted({1, K})
+    result = E.final_evaluation(cfg.out, G, "renoise", ks, T, sorted({1, K, 64}), cfg.eval_samples,
+                                imitation_error, cfg.shift_samples, w_student=0.0, extra={
+                                    "it_per_s": step / max(train_time, 1e-9),
+                                    "train_time_s": train_time, "config": asdict(cfg)},
+                                **{**ev, "w": cfg.guidance})
     C.barrier()
-    return G
-
-
-def fmt(v):
-    return "-" if v is None else f"{v:.4g}"  # entropy is None where the features have no classifier
-
-
-@torch.no_grad()
-def covariate_shift(G, T, data, taus, cfg, device):
-    """G's imitation error on forward-diffused data states vs on its own backward-simulation states
-    at each grid time (error: MSE of G's sample against the teacher's DDIM sample from the state)."""
-    import evaluate
-    torch.manual_seed(cfg.seed + 1)
-    n, K = cfg.shift_samples, len(taus)
-    x0 = C.to_float(data[0][torch.randperm(len(data[0]))[:n]]).to(device)
-    n = len(x0)
-    own, t_own = backward_simulation(G, torch.randn_like(x0), taus, cfg.bound)
-    data_states, own_states = {}, {}
-    for i, tau in enumerate(taus.tolist()):
-        alpha, sigma = C.alpha_sigma(tau)
-        data_states[tau] = alpha * x0 + sigma * torch.randn_like(x0)
-        own_states[tau] = own[i * n:(i + 1) * n]
-
-    def error_fn(x_t, t):
-        tb = torch.full((len(x_t),), t, device=device)
-        g = C.bound_x0(x0_of(lambda x, s: G(x, s), x_t, tb), cfg.bound)
-        label = teacher_sample_from(T, x_t, t, K, cfg.teacher_substeps, cfg.bound)
-        return (g - label).pow(2).mean(dim=(1, 2, 3))
-    return evaluate.covariate_shift(error_fn, data_states, own_states)
+    return result
 
 
 if __name__ == "__main__":

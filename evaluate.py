@@ -286,8 +286,10 @@ def real_features(dataset, data_dir="data", extractor=None, cache_dir=CACHE_DIR,
 # ----------------------------------------------------------------------------------------------
 
 def sample_metrics(samples, dataset="digits", data_dir="data", cache_dir=CACHE_DIR, extractor=None,
-                   name="", device="cpu", inception_weights=""):
-    """{fd, kid, precision, recall, entropy} of samples [N, C, H, W] in [-1, 1] against real data.
+                   name="", device="cpu", inception_weights="", labels=None):
+    """{fd, kid, precision, recall, entropy, cond_acc} of samples [N, C, H, W] in [-1, 1] against
+    real data. cond_acc (conditional samples, digits): the share of samples that the feature
+    classifier reads as the label they were drawn for (None otherwise).
 
     extractor(x_uint8) -> (features, predicted classes or None) replaces the default feature
     network (digits classifier or Inception); `name` then names its cached real features."""
@@ -300,14 +302,23 @@ def sample_metrics(samples, dataset="digits", data_dir="data", cache_dir=CACHE_D
     fake, classes = extractor(to_uint8(samples))
     m = compare(real, fake, device)
     m["entropy"] = entropy(classes, C.DATASETS[dataset][2]) if classes is not None else None
+    m["cond_acc"] = (float((classes.cpu() == labels.cpu()).double().mean())
+                     if classes is not None and labels is not None else None)
     return m
 
 
-def sample(net, kind, steps, num_samples, bound="reflect", seed=0, device="cpu", y=None, w=0.0,
-           batch=500):
-    """num_samples images, split over ranks and gathered: every rank returns all of them.
-    Seeded per (seed, rank, batch) in a forked RNG, so the caller's random stream is untouched."""
+def eval_labels(n, num_classes):
+    """The conditioning protocol of every evaluation: balanced labels 0, 1, ..., C-1, 0, 1, ...
+    for a class-conditional network (never the null label, which no student trains on)."""
+    return torch.arange(n) % num_classes if num_classes else None
+
+
+def sample(net, kind, steps, num_samples, bound="clip", seed=0, device="cpu", w=0.0, batch=500):
+    """num_samples images at balanced labels (eval_labels) and guidance w (common.guided), split
+    over ranks and gathered: every rank returns all of them. Seeded per (seed, rank, batch) in a
+    forked RNG, so the caller's random stream is untouched."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    y = eval_labels(num_samples, C.unwrap(net).num_classes)
     per_rank = math.ceil(num_samples / world)
     out = []
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
@@ -315,23 +326,21 @@ def sample(net, kind, steps, num_samples, bound="reflect", seed=0, device="cpu",
             C.step_seed(seed, rank, i)
             n = min(batch, per_rank - start)
             lo = rank * per_rank + start
-            yb = y[lo:lo + n].to(device) if y is not None else None
-            if yb is not None and len(yb) < n:  # the last rank's tail past num_samples
-                yb = torch.cat([yb, y[:n - len(yb)].to(device)])
+            yb = None if y is None else y[torch.arange(lo, lo + n) % num_samples].to(device)
             out.append(C.generate(net, n, steps, kind, bound, y=yb, w=w, device=device))
     return C.all_gather_cat(torch.cat(out))[:num_samples]
 
 
-def evaluate_net(net, kind, steps, num_samples, dataset="digits", bound="reflect", seed=0,
-                 device="cpu", data_dir="data", y=None, w=0.0, cache_dir=CACHE_DIR,
-                 inception_weights=""):
-    """(metrics, samples) of a network sampled with K = steps; rank 0 computes the metrics and
-    every rank returns them."""
-    x = sample(net, kind, steps, num_samples, bound, seed, device, y, w)
+def evaluate_net(net, kind, steps, num_samples, dataset="digits", bound="clip", seed=0,
+                 device="cpu", data_dir="data", w=0.0, cache_dir=CACHE_DIR, inception_weights=""):
+    """(metrics, samples) of a network sampled with K = steps at balanced labels and guidance w;
+    rank 0 computes the metrics and every rank returns them."""
+    x = sample(net, kind, steps, num_samples, bound, seed, device, w)
     m = [None]
     if C.is_main():
         m[0] = sample_metrics(x, dataset, data_dir, cache_dir, device=device,
-                              inception_weights=inception_weights)
+                              inception_weights=inception_weights,
+                              labels=eval_labels(num_samples, C.unwrap(net).num_classes))
     if dist.is_initialized():
         dist.broadcast_object_list(m, src=0)
     return m[0], x
@@ -348,11 +357,42 @@ def fd_during_training(net, kind, steps, num_samples, **ev):
     return {"fd": m["fd"], "kid": m["kid"]}
 
 
-def reference_rows(teacher, steps_list, num_samples, dataset="digits", bound="reflect", seed=0,
-                   device="cpu", data_dir="data", cache_dir=CACHE_DIR):
-    """{K: metrics} of the teacher's DDIM sampler at each K (report it beside every student)."""
-    return {int(K): evaluate_net(teacher, "ddim", int(K), num_samples, dataset, bound, seed, device,
-                                 data_dir, cache_dir=cache_dir)[0] for K in steps_list}
+def reference_rows(teacher, steps_list, num_samples, **ev):
+    """{K: metrics} of the teacher's DDIM sampler at each K (report it beside every student, at
+    the same guidance weight ev["w"] and the same labels)."""
+    return {str(int(K)): evaluate_net(teacher, "ddim", int(K), num_samples, **ev)[0] for K in steps_list}
+
+
+def final_evaluation(out, student, kind, student_ks, teacher, teacher_ks, num_samples, error_fn,
+                     shift_samples, w=0.0, w_student=None, extra=None, **ev):
+    """The evaluation that ends every method script, one protocol: the student at each K in
+    student_ks (sampled at w_student: its w input, or 0 for a student that distilled guidance w
+    into itself), the teacher's DDIM at teacher_ks with guidance w, both at balanced labels;
+    the covariate shift of the student at its last K (error_fn(x_t, t, y) -> per-sample imitation
+    error); samples.png and metrics.json in `out`, a table on stdout. Returns the metrics (rank 0;
+    other ranks get the rows only)."""
+    w_student = w if w_student is None else w_student
+    rows, samples = {}, None
+    for k in student_ks:
+        rows[str(k)], samples = evaluate_net(student, kind, k, num_samples, w=w_student, **ev)
+    result = {"student": rows, "teacher": reference_rows(teacher, teacher_ks, num_samples, w=w, **ev),
+              "w": w if teacher.num_classes else None, "sample_bound": ev.get("bound", "clip")}
+    if not C.is_main():
+        return result
+    result["covariate_shift"] = covariate_shift(
+        error_fn, *grid_states(student, kind, student_ks[-1], shift_samples, w=w_student, **ev))
+    result.update(extra or {})
+    C.save_grid(samples[:64], os.path.join(out, "samples.png"), nrow=8)
+    C.write_json(result, os.path.join(out, "metrics.json"))
+    print(HEADER)
+    for k, m in rows.items():
+        print(fmt_row(f"student K={k}", m))
+    for k, m in result["teacher"].items():
+        print(fmt_row(f"teacher K={k}", m))
+    cs = result["covariate_shift"]
+    print("covariate shift (t: err_own / err_data): " +
+          ", ".join(f"{t:.2f}: {r:.2f}" for t, r in zip(cs["t"], cs["ratio"])), flush=True)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,20 +407,20 @@ def covariate_shift(error_fn, data_states, own_states):
     """At each student grid time t: mean imitation error on data states and on own-rollout states,
     their ratio (DAgger predicts > 1 for the baseline, ~1 with DDIL), and the FD between the two
     state sets in pixel space (one fixed random projection to STATE_FD_DIMS above that: CIFAR).
-    States: {t: x_t [n, C, H, W]}; error_fn(x_t, t) -> errors [n]."""
+    States: {t: (x_t [n, C, H, W], y [n] or None)}; error_fn(x_t, t, y) -> errors [n]."""
     out = {"t": [], "err_data": [], "err_own": [], "ratio": [], "state_fd": []}
-    dims, P = next(iter(data_states.values()))[0].numel(), None
+    dims, P = next(iter(data_states.values()))[0][0].numel(), None
     if dims > STATE_FD_DIMS:  # FD needs n >> dims; the projection keeps squared distances
         P = torch.randn(dims, STATE_FD_DIMS, dtype=torch.float64,
                         generator=torch.Generator().manual_seed(0)) / math.sqrt(STATE_FD_DIMS)
     for t in sorted(data_states, reverse=True):  # sampling order: t = 1 first
-        e_data = float(error_fn(data_states[t], t).double().mean())
-        e_own = float(error_fn(own_states[t], t).double().mean())
+        e_data = float(error_fn(*data_states[t][:1], t, data_states[t][1]).double().mean())
+        e_own = float(error_fn(*own_states[t][:1], t, own_states[t][1]).double().mean())
         out["t"].append(float(t))
         out["err_data"].append(e_data)
         out["err_own"].append(e_own)
         out["ratio"].append(e_own / e_data if e_data > 0 else float("inf"))
-        a, b = data_states[t].flatten(1).double(), own_states[t].flatten(1).double()
+        a, b = data_states[t][0].flatten(1).double(), own_states[t][0].flatten(1).double()
         if P is not None:
             P = P.to(a.device)
             a, b = a @ P, b @ P
@@ -389,23 +429,28 @@ def covariate_shift(error_fn, data_states, own_states):
 
 
 @torch.no_grad()
-def grid_states(net, kind, steps, n, dataset="digits", bound="reflect", seed=0, device="cpu",
-                data_dir="data"):
+def grid_states(net, kind, steps, n, dataset="digits", bound="clip", seed=0, device="cpu",
+                data_dir="data", w=0.0, **_):
     """The two inputs of covariate_shift at the K sampling times tau_1..tau_K: forward-diffused
-    real data, and the states the network's own sampler visits. Returns (data_states, own_states)."""
+    real data (with its labels), and the states the network's own sampler visits (balanced labels,
+    guidance w). Returns (data_states, own_states), each {t: (x_t, y or None)}."""
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
         torch.manual_seed(seed)
-        x, _ = C.load_dataset(dataset, data_dir)
-        x0 = C.to_float(x[torch.randint(0, len(x), (n,))]).to(device)
+        x, labels = C.load_dataset(dataset, data_dir)
+        idx = torch.randint(0, len(x), (n,))
+        x0 = C.to_float(x[idx]).to(device)
+        nc = C.unwrap(net).num_classes
+        y_data = labels[idx].to(device) if nc else None
+        y_own = eval_labels(n, nc).to(device) if nc else None
         x1 = torch.randn_like(x0)
         ts = C.time_grid(steps)
         noises = [torch.randn_like(x0) for _ in range(steps)] if kind == "renoise" else None
-        _, own = C.ddim_sample(C.guided(net), x1, ts, bound, noises, return_states=True)
+        _, own = C.ddim_sample(C.guided(net, y_own, w), x1, ts, bound, noises, return_states=True)
         data_states, own_states = {}, {}
         for t, xs in zip(ts[:-1].tolist(), own):
             a, s = C.alpha_sigma(t)
-            data_states[t] = a * x0 + s * torch.randn_like(x0)
-            own_states[t] = xs
+            data_states[t] = (a * x0 + s * torch.randn_like(x0), y_data)
+            own_states[t] = (xs, y_own)
     return data_states, own_states
 
 
@@ -413,15 +458,15 @@ def grid_states(net, kind, steps, n, dataset="digits", bound="reflect", seed=0, 
 # noise floor and CLI
 # ----------------------------------------------------------------------------------------------
 
-def noise_floor(net, kind, steps, num_samples, dataset="digits", bound="reflect", seed=0,
-                device="cpu", data_dir="data", cache_dir=CACHE_DIR):
+def noise_floor(net, kind, steps, num_samples, dataset="digits", bound="clip", seed=0,
+                device="cpu", data_dir="data", cache_dir=CACHE_DIR, w=0.0):
     """What difference is meaningful. real_halves: two random halves of the real data against each
     other; sample_sets: two independent sets of the sampler (seeds seed+1000, seed+1001) against
     each other; vs_real: each of those two sets against the real data, as a table row is (their
     difference is the seed-to-seed spread of a row)."""
     res = [None]
-    xa = sample(net, kind, steps, num_samples, bound, seed + 1000, device)
-    xb = sample(net, kind, steps, num_samples, bound, seed + 1001, device)
+    xa = sample(net, kind, steps, num_samples, bound, seed + 1000, device, w)
+    xb = sample(net, kind, steps, num_samples, bound, seed + 1001, device, w)
     if C.is_main():
         if dataset == "digits":
             extractor, name = digits_extractor(cache_dir, data_dir), ""
@@ -440,13 +485,32 @@ def noise_floor(net, kind, steps, num_samples, dataset="digits", bound="reflect"
     return res[0]
 
 
+def checkpoint_w(net, ck, w=None):
+    """(the guidance weight a checkpoint's samples stand for, the w to sample it at), from --w.
+    A teacher: classifier-free guidance at --w (default 0). A guidance-distilled LCM student
+    (w_embed): its w input, by default the one it was evaluated at in training ("w"). A PD / DMD2
+    student distilled at a fixed guidance weight ("w" in its checkpoint) is sampled without
+    guidance (it has learnt it), so only that w stands; another --w is an error."""
+    if "w" not in ck:  # a teacher checkpoint
+        return (w or 0.0), (w or 0.0)
+    if net.config.get("w_embed"):
+        w = ck["w"] if w is None else w
+        return w, w
+    if w is not None and w != ck["w"]:
+        C.fail(f"this student was distilled at guidance weight w = {ck['w']:g} and cannot be sampled "
+               f"at --w {w:g}; drop --w")
+    return ck["w"], 0.0
+
+
 def fmt_row(label, m):
     ent = "-" if m.get("entropy") is None else f"{m['entropy']:.3f}"
-    return (f"{label:>12} {m['fd']:>10.4f} {m['kid']:>10.5f} {m['precision']:>9.3f} "
-            f"{m['recall']:>7.3f} {ent:>8}")
+    acc = "-" if m.get("cond_acc") is None else f"{m['cond_acc']:.3f}"
+    return (f"{label:>14} {m['fd']:>10.4f} {m['kid']:>10.5f} {m['precision']:>9.3f} "
+            f"{m['recall']:>7.3f} {ent:>8} {acc:>8}")
 
 
-HEADER = f"{'K':>12} {'fd':>10} {'kid':>10} {'precision':>9} {'recall':>7} {'entropy':>8}"
+HEADER = (f"{'':>14} {'fd':>10} {'kid':>10} {'precision':>9} {'recall':>7} {'entropy':>8} "
+          f"{'cond_acc':>8}")
 
 
 def main(argv=None):
@@ -454,7 +518,8 @@ def main(argv=None):
     p.add_argument("ckpt", help="a ckpt.pt written by teacher.py or a method script")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--num-samples", type=int, default=2000)
-    p.add_argument("--bound", choices=C.BOUNDS, default=None, help="default: the checkpoint's")
+    p.add_argument("--bound", choices=C.BOUNDS, default=None,
+                   help="sampling bound; default: the checkpoint's --sample-bound (clip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="default: the checkpoint's directory")
     p.add_argument("--device", default="")
@@ -465,9 +530,9 @@ def main(argv=None):
                    help="also measure real-vs-real halves and two independent sample sets")
     p.add_argument("--floor-steps", type=int, default=64)
     p.add_argument("--w", type=float, default=None,
-                   help="guidance weight: a class-conditional teacher's CFG weight (default 0), or "
-                        "the w input of a guidance-distilled student (default: the middle of its "
-                        "training range --w-min..--w-max)")
+                   help="guidance weight: a class-conditional teacher's CFG weight (default 0), "
+                        "the w input of an LCM student (default: the w it was evaluated at); a PD / "
+                        "DMD2 student is sampled at the w it distilled")
     args = p.parse_args(argv)
     if min(args.steps) <= 0 or args.num_samples < 10 or args.floor_steps <= 0:
         C.fail("--steps and --floor-steps must be positive and --num-samples at least 10")
@@ -475,35 +540,31 @@ def main(argv=None):
     net, kind, ck = C.load_net(args.ckpt, device)
     cfg = ck.get("config", {})
     dataset = cfg.get("dataset", "digits")
-    bound = args.bound or cfg.get("bound", "reflect")
+    bound = args.bound or cfg.get("sample_bound", "clip")
     out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
     if dataset != "digits" and C.is_main():
         inception_extractor(device, args.inception_weights)  # fail now, before any sampling
-    nc = net.num_classes
-    y = torch.arange(args.num_samples) % nc if nc else None  # conditional nets: balanced classes
-    if net.config.get("w_embed"):  # a guidance-distilled student takes w as an input: fix it
-        w = args.w if args.w is not None else 0.5 * (cfg.get("w_min", 0.0) + cfg.get("w_max", 0.0))
-        net, cfg_w = C.AtW(net, w), 0.0
-    else:  # a teacher: classifier-free guidance in the sampler
-        w = cfg_w = args.w or 0.0
+    w, w_sample = checkpoint_w(net, ck, args.w)
     t0, rows = time.time(), {}
     if C.is_main():
         print(f"{args.ckpt}: {dataset}, sampler {kind}, bound {bound}, {args.num_samples} samples, "
-              f"seed {args.seed}" + (f", w {w:g}" if nc else ""), flush=True)
+              f"seed {args.seed}" + (f", w {w:g}" if net.num_classes else ""), flush=True)
     for K in args.steps:
         m, x = evaluate_net(net, kind, K, args.num_samples, dataset, bound, args.seed, device,
-                            args.data_dir, y=y, w=cfg_w, cache_dir=args.cache_dir,
+                            args.data_dir, w=w_sample, cache_dir=args.cache_dir,
                             inception_weights=args.inception_weights)
         rows[str(K)] = m
         C.save_grid(x[:64], os.path.join(out, f"eval-K{K}.png"), nrow=8)
     result = {"checkpoint": args.ckpt, "dataset": dataset, "sampler": kind, "bound": bound,
-              "num_samples": args.num_samples, "seed": args.seed, "w": w if nc else None, "rows": rows}
+              "num_samples": args.num_samples, "seed": args.seed, "w": w if net.num_classes else None,
+              "rows": rows}
     if dataset == "digits":
         result["feature_net_heldout_acc"] = digits_features_net(args.cache_dir, args.data_dir)[1] \
             if C.is_main() else None
     if args.noise_floor:
         result["noise_floor"] = noise_floor(net, kind, args.floor_steps, args.num_samples, dataset,
-                                            bound, args.seed, device, args.data_dir, args.cache_dir)
+                                            bound, args.seed, device, args.data_dir, args.cache_dir,
+                                            w_sample)
     result["time_s"] = round(time.time() - t0, 2)
     if C.is_main():
         print(HEADER)

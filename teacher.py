@@ -5,6 +5,7 @@
 
 The cosine logSNR schedule and the U-Net live in common.py; the EMA network is the teacher.
     python teacher.py                                   # digits, CPU, a few minutes
+    python teacher.py --cond                            # the class-conditional digits lab (CFG)
     torchrun --nproc_per_node=8 teacher.py --dataset cifar10
 """
 import copy
@@ -60,7 +61,7 @@ def build_model(cfg):
 
 def main(argv=None):
     cfg = C.parse_config(Config, argv, PRESETS)
-    cfg.out = cfg.out or os.path.join("runs", f"teacher-{cfg.dataset}")
+    cfg.out = cfg.out or os.path.dirname(C.default_teacher_path(cfg.dataset, cfg.cond))
     C.check_positive(cfg, "iters", "batch_size", "log_every", "ckpt_every", "grad_accum",
                      "sample_count")
     if cfg.batch_size % cfg.grad_accum:
@@ -145,7 +146,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     x1 = torch.randn(cfg.sample_count, ch, res, res, device=device)
     y = torch.arange(cfg.sample_count, device=device) % model.num_classes if cfg.cond else None
-    samples = C.ddim_sample(C.guided(ema, y, 0.0), x1, C.time_grid(cfg.sample_steps))
+    samples = C.ddim_sample(C.guided(ema, y), x1, C.time_grid(cfg.sample_steps), "clip")
     C.save_grid(samples, os.path.join(cfg.out, "samples.png"), nrow=min(8, cfg.sample_count))
     C.barrier()
     return ema

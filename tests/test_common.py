@@ -181,6 +181,22 @@ def test_ema_update():
     torch.testing.assert_close(a.weight, 0.9 * w0 + 0.1 * b.weight)
 
 
+def test_guided_is_classifier_free_guidance_or_a_w_input():
+    torch.manual_seed(0)
+    teacher = C.build_unet("digits", ch=8, num_classes=3)
+    student = C.build_unet("digits", ch=8, num_classes=3, w_embed=True)
+    for p in [*teacher.parameters(), *student.parameters()]:
+        p.data.normal_(0, 0.1)
+    x, t, y, w = torch.randn(4, 1, 8, 8), torch.rand(4), torch.tensor([0, 1, 2, 1]), torch.tensor([0.0, 1.0, 2.5, 4.0])
+    v_c, v_u = teacher(x, t, y), teacher(x, t, torch.full((4,), 3))  # 3 = the null label
+    want = v_u + (1 + w.view(-1, 1, 1, 1)) * (v_c - v_u)
+    torch.testing.assert_close(C.guided(teacher, y, w)(x, t), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(C.guided(teacher, y, 2.5)(x, t), v_u + 3.5 * (v_c - v_u), atol=1e-5, rtol=1e-5)
+    assert torch.equal(C.guided(teacher, y, 0.0)(x, t), v_c)  # w = 0: the conditional model
+    assert torch.equal(C.guided(teacher, y, torch.zeros(4))(x, t), v_c)
+    assert torch.equal(C.guided(student, y, w)(x, t), student(x, t, y, w))  # w is an input
+
+
 # ---- the DDIL mixing buffer ------------------------------------------------------------------
 
 def test_source_counts():
@@ -215,17 +231,30 @@ def test_ramped_betas_and_shared_ddil_flags():
             C.check_ddil(types.SimpleNamespace(**{**vars(cfg), field: bad}))
 
 
-def test_buffer_stores_detached_and_keeps_dtype():
+def test_buffer_stores_detached_and_keeps_dtype_and_conditioning():
     buf = C.MixingBuffer(capacity=16)
-    w = torch.ones(1, requires_grad=True)
-    x = (torch.randn(6, 1, 2, 2) * w).to(torch.float64)
-    buf.push(x, torch.linspace(0, 1, 6), torch.arange(6))
-    xs, ts, ys = buf.sample(32, generator=torch.Generator().manual_seed(0))
+    g = torch.ones(1, requires_grad=True)
+    x = (torch.randn(6, 1, 2, 2) * g).to(torch.float64)
+    buf.push(x, torch.linspace(0, 1, 6), torch.arange(6), torch.arange(6) * 0.5)
+    torch.manual_seed(0)
+    xs, ts, ys, ws = buf.sample(32)
     assert not xs.requires_grad and xs.grad_fn is None and xs.dtype == torch.float64
     assert ts.dtype == torch.float32 and set(ys.tolist()) <= set(range(6))
-    # every sampled state is one that was pushed, with its own time and label
-    for xi, ti, yi in zip(xs, ts, ys):
+    # every sampled state is one that was pushed, with its own time, label and guidance weight
+    for xi, ti, yi, wi in zip(xs, ts, ys, ws):
         assert torch.equal(xi, x[yi].detach()) and ti.item() == pytest.approx(yi.item() / 5)
+        assert wi.item() == yi.item() * 0.5
+    buf.push(torch.zeros(2, 1, 2, 2, dtype=torch.float64), torch.zeros(2))  # no labels / weights: -1, 0
+    assert buf.y[6:8].tolist() == [-1, -1] and buf.w[6:8].tolist() == [0.0, 0.0]
+
+
+def test_buffer_push_beyond_capacity_keeps_the_newest_and_the_ring_order():
+    buf = C.MixingBuffer(4)
+    buf.push(torch.arange(3.0)[:, None], torch.zeros(3))            # 0 1 2 _
+    buf.push(torch.arange(10.0, 16.0)[:, None], torch.zeros(6))     # more than capacity
+    assert sorted(buf.x[:, 0].tolist()) == [12.0, 13.0, 14.0, 15.0] and len(buf) == 4
+    buf.push(torch.tensor([[99.0]]), torch.zeros(1))                # replaces the oldest, 12
+    assert sorted(buf.x[:, 0].tolist()) == [13.0, 14.0, 15.0, 99.0]
 
 
 def test_buffer_staleness_bound():
@@ -236,37 +265,42 @@ def test_buffer_staleness_bound():
     buf = C.MixingBuffer(capacity)
     for it in range(30):
         buf.push(torch.full((refresh * T, 1), float(it)), torch.zeros(refresh * T))
-        x, _, _ = buf.sample(200)
+        x = buf.sample(200)[0]
         assert (it - x.min().item()) < bound
         assert len(buf) == min(capacity, (it + 1) * refresh * T)
 
 
-def test_mixed_states_counts_and_sources():
-    buffers = {"teacher": C.MixingBuffer(64), "student": C.MixingBuffer(64)}
-    calls = []
+def test_replay_fills_then_refreshes_and_cat_states_keeps_sources():
+    buf, calls = C.MixingBuffer(64), []
 
-    def rollout(value):
-        def fn(n):
-            calls.append((value, n))
-            return torch.full((n * 4, 1, 2, 2), value), torch.rand(n * 4), None
-        return fn
-    data = lambda n: (torch.zeros(n, 1, 2, 2), torch.rand(n), torch.zeros(n, dtype=torch.long))
-    x, t, y, src = C.mixed_states([8, 4, 4], data, buffers,
-                                  {"teacher": rollout(1.0), "student": rollout(2.0)}, refresh=1)
-    assert x.shape[0] == 16 and src.tolist() == [0] * 8 + [1] * 4 + [2] * 4
-    assert (x[src == 0] == 0).all() and (x[src == 1] == 1).all() and (x[src == 2] == 2).all()
-    assert calls == [(1.0, 4), (2.0, 4)]  # first fill: enough trajectories for the batch
-    C.mixed_states([8, 4, 4], data, buffers, {"teacher": rollout(1.0), "student": rollout(2.0)}, refresh=1)
-    assert calls[2:] == [(1.0, 1), (2.0, 1)]  # then `refresh` per iteration
+    def rollout(n):  # n trajectories of T = 4 states, labelled by call
+        calls.append(n)
+        return torch.full((n * 4, 1, 2, 2), float(len(calls))), torch.rand(n * 4), None, torch.full((n * 4,), 2.0)
+    assert C.replay(buf, rollout, 0, 3, 4) is None and calls == []  # source off: no rollout
+    x, t, y, w = C.replay(buf, rollout, 10, 1, 4)
+    assert calls == [3] and len(buf) == 12  # first fill: ceil(10 / 4) trajectories serve 10 states
+    assert (y == -1).all() and (w == 2.0).all() and x.shape == (10, 1, 2, 2)
+    C.replay(buf, rollout, 10, 1, 4)
+    assert calls == [3, 1] and len(buf) == 16  # then `trajectories` per call
+    C.replay(buf, rollout, 10, 0, 4)
+    assert calls == [3, 1]  # no refresh this iteration
+    data = (torch.zeros(5, 1, 2, 2), torch.rand(5), torch.arange(5), None)
+    x, t, y, w, src = C.cat_states(data, None, C.replay(buf, rollout, 3, 0, 4))
+    assert src.tolist() == [0] * 5 + [2] * 3 and (x[:5] == 0).all() and (x[5:] > 0).all()
+    assert y.tolist() == [0, 1, 2, 3, 4, -1, -1, -1] and w.tolist() == [0.0] * 5 + [2.0] * 3
 
 
 def test_buffer_state_dict_round_trip():
     buf = C.MixingBuffer(8)
-    buf.push(torch.randn(5, 3), torch.rand(5))
+    buf.push(torch.randn(5, 3), torch.rand(5), torch.arange(5), torch.rand(5))
     other = C.MixingBuffer(8)
     other.load_state_dict(buf.state_dict())
-    g = lambda: torch.Generator().manual_seed(3)
-    assert all(torch.equal(a, b) for a, b in zip(buf.sample(6, g()), other.sample(6, g())))
+    torch.manual_seed(3)
+    a = buf.sample(6)
+    torch.manual_seed(3)
+    assert all(torch.equal(u, v) for u, v in zip(a, other.sample(6)))
+    buf.push(torch.randn(1, 3), torch.rand(1)), other.push(torch.randn(1, 3), torch.rand(1))
+    assert buf.ptr == other.ptr == 6
 
 
 # ---- checkpoints ---------------------------------------------------------------------------

@@ -2,12 +2,14 @@
 grad, the two time-scale rule, the outputs of a tiny run, and exact resume."""
 import json
 import os
+import types
 
 import pytest
 import torch
 
 import common as C
 import dmd2_ddil as D
+from conftest import cfg_v, ddim_step, random_unet
 
 
 def gaussian_denoiser(mean, std):
@@ -90,7 +92,7 @@ def test_rollouts_carry_no_graph_and_land_on_the_grid():
     K, n = 4, 3
     taus = C.time_grid(K)[:-1]
     x1 = torch.randn(n, 1, 8, 8)
-    x, t = D.backward_simulation(G, x1, taus, "reflect")
+    x, t, _, _ = D.backward_simulation(G, x1, None, taus, "reflect")
     assert not x.requires_grad and x.grad_fn is None
     assert x.shape == (K * n, 1, 8, 8) and torch.equal(t, taus.repeat_interleave(n))
     torch.testing.assert_close(x[:n], x1)  # tau_1 = 1: the noise itself
@@ -99,11 +101,97 @@ def test_rollouts_carry_no_graph_and_land_on_the_grid():
     a, s = C.alpha_sigma(taus[1])
     resid = (x[n:2 * n] - a * x0) / s  # must be the fresh noise, independent of x0: ~N(0, 1)
     assert abs(resid.std().item() - 1.0) < 0.3 and x0.abs().max() <= 1.0
-    # the teacher rollout stops on the student grid: its last states equal a DDIM run to tau_K
-    xt, _ = D.teacher_rollout(G, x1, taus, 2, "reflect")
-    assert not xt.requires_grad
-    ref = C.ddim_sample(C.guided(G), x1, C.time_grid(2 * K)[:2 * (K - 1) + 1], "reflect")
-    torch.testing.assert_close(xt[-n:], ref)
+
+
+def test_teacher_rollout_follows_the_guided_teacher_and_keeps_labels():
+    T = random_unet(1, num_classes=3).requires_grad_(False)
+    K, n, w = 2, 3, 2.0
+    taus = C.time_grid(K)[:-1]
+    x1, y = torch.randn(n, 1, 8, 8), torch.tensor([2, 0, 1])
+    x, t, yy, ww = D.teacher_rollout(T, x1, y, w, taus, 2, "reflect")
+    z = x1
+    with torch.no_grad():
+        for i in range(2):  # 2 substeps from t = 1 to tau_2 = 1/2
+            tt, ss = torch.full((n,), 1 - i / 4), torch.full((n,), 1 - (i + 1) / 4)
+            a, sg = (C.bcast(c, z) for c in C.alpha_sigma(tt))
+            z = ddim_step(z, C.reflect(a * z - sg * cfg_v(T, z, tt, y, w)), tt, ss)
+    torch.testing.assert_close(x[n:], z, atol=1e-5, rtol=1e-4)
+    assert not x.requires_grad and yy.tolist() == [2, 0, 1] * 2 and ww == w and t.tolist() == [1.0] * 3 + [0.5] * 3
+    # the diagnostic's label: the guided teacher's DDIM sample from the state, at its label
+    label = D.teacher_sample_from(T, x[n:], 0.5, K, 2, "reflect", y, w)
+    z = x[n:]
+    with torch.no_grad():
+        for i in range(2, 4):
+            tt, ss = torch.full((n,), 1 - i / 4), torch.full((n,), 1 - (i + 1) / 4)
+            a, sg = (C.bcast(c, z) for c in C.alpha_sigma(tt))
+            x0 = C.reflect(a * z - sg * cfg_v(T, z, tt, y, w))
+            z = ddim_step(z, x0, tt, ss) if i < 3 else x0
+    torch.testing.assert_close(label, z, atol=2e-4, rtol=1e-3)  # (batched vs separate CFG passes)
+
+
+def dmd2_cfg(**kw):
+    return types.SimpleNamespace(bf16=False, guidance=2.0, t_min=0.02, t_max=0.98, gan_weight=0.0,
+                                 disc_weight=1e-2, grad_clip=1e9, **kw)
+
+
+def test_generator_update_is_the_dm_gradient_against_the_guided_real_score():
+    T = random_unet(1, num_classes=3).requires_grad_(False)
+    G, fake = random_unet(2, num_classes=3), random_unet(3, num_classes=3)
+    head = D.gan_head(fake.mid_ch)
+    cfg = dmd2_cfg()
+    x_in, t_in, y = torch.randn(6, 1, 8, 8), torch.tensor([1.0, 0.5] * 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    # written out: G's sample, then the DM gradient with T guided at w and F at the label
+    x = D.generator_sample(G, x_in, t_in, y, "reflect")
+    a, sg = (C.bcast(c, x) for c in C.alpha_sigma(t_in))
+    torch.testing.assert_close(x, C.reflect(a * x_in - sg * G(x_in, t_in, y)))
+    torch.manual_seed(9)
+    t = cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(6)
+    a, sg = (C.bcast(c, x) for c in C.alpha_sigma(t))
+    x_t = a * x.detach() + sg * torch.randn_like(x)
+    with torch.no_grad():
+        p_real = x - (a * x_t - sg * cfg_v(T, x_t, t, y, cfg.guidance))
+        p_fake = x - (a * x_t - sg * fake(x_t, t, y))
+        grad = (p_real - p_fake) / p_real.abs().mean(dim=(1, 2, 3), keepdim=True)
+    (0.5 * (x - (x - grad).detach()).square().mean()).backward()  # d/dx = grad / numel
+    grads = [p.grad.clone() for p in G.parameters()]
+    before = {n: [p.detach().clone() for p in m.parameters()] for n, m in (("G", G), ("F", fake), ("D", head), ("T", T))}
+    G.zero_grad()
+    opt = torch.optim.SGD(G.parameters(), lr=10.0)
+    x = D.generator_sample(G, x_in, t_in, y, "reflect")
+    torch.manual_seed(9)
+    rec = D.generator_update(G, G, fake, head, T, opt, x, y, cfg)
+    assert set(rec) == {"loss_dm"}
+    for p, b, g in zip(G.parameters(), before["G"], grads):
+        torch.testing.assert_close(p.detach(), b - 10.0 * g, atol=1e-6, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in grads)
+    for name, m in (("F", fake), ("D", head), ("T", T)):  # only G moves
+        assert all(torch.equal(p, b) for p, b in zip(m.parameters(), before[name])), name
+    assert all(p.requires_grad for p in fake.parameters())  # and F trains again afterwards
+
+
+def test_fake_score_update_denoises_gs_samples_and_leaves_g_alone():
+    G, fake = random_unet(2, num_classes=3), random_unet(3, num_classes=3)
+    head = D.gan_head(fake.mid_ch)
+    cfg = dmd2_cfg()
+    x = D.generator_sample(G, torch.randn(4, 1, 8, 8), torch.ones(4), torch.arange(4) % 3, "reflect")
+    real, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    torch.manual_seed(2)
+    t = torch.rand(4)
+    eps = torch.randn_like(x)
+    a, sg = (C.bcast(c, x) for c in C.alpha_sigma(t))
+    v = a * eps - sg * x.detach()
+    (fake(a * x.detach() + sg * eps, t, y) - v).square().mean().backward()
+    grads = [p.grad.clone() for p in fake.parameters()]
+    before = [p.detach().clone() for p in fake.parameters()]
+    g_before = [p.detach().clone() for p in G.parameters()]
+    fake.zero_grad()
+    opt = torch.optim.SGD(list(fake.parameters()) + list(head.parameters()), lr=0.1)
+    torch.manual_seed(2)
+    rec = D.fake_score_update(fake, head, fake, head, opt, x, real, y, None, cfg)
+    assert set(rec) == {"loss_fake"}
+    for p, b, g in zip(fake.parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), b - 0.1 * g, atol=1e-6, rtol=1e-4)
+    assert all(torch.equal(p, b) for p, b in zip(G.parameters(), g_before)) and G.out[-1].weight.grad is None
 
 
 def run(teacher, out, *extra):

@@ -144,7 +144,7 @@ def test_sample_metrics_on_real_and_noise(cache):
     # real digits against real digits: FD ~0, precision/recall 1, entropy ~ln 10
     x, _ = C.load_dataset("digits")
     m = E.sample_metrics(C.to_float(x), "digits", cache_dir=cache)
-    assert set(m) == {"fd", "kid", "precision", "recall", "entropy"}
+    assert set(m) == {"fd", "kid", "precision", "recall", "entropy", "cond_acc"} and m["cond_acc"] is None
     assert m["fd"] < 1e-6 and m["precision"] == 1.0 and m["recall"] == 1.0
     assert m["entropy"] == pytest.approx(math.log(10), abs=0.01)
     # uniform noise images are far from digits
@@ -157,16 +157,18 @@ def test_sample_metrics_on_real_and_noise(cache):
 
 def test_covariate_shift_constructed():
     g = torch.Generator().manual_seed(0)
-    data = {1.0: torch.randn(300, 1, 4, 4, generator=g), 0.5: torch.randn(300, 1, 4, 4, generator=g)}
-    own = {1.0: torch.randn(300, 1, 4, 4, generator=g), 0.5: torch.randn(300, 1, 4, 4, generator=g) + 1.0}
+    data = {1.0: (torch.randn(300, 1, 4, 4, generator=g), None),
+            0.5: (torch.randn(300, 1, 4, 4, generator=g), None)}
+    own = {1.0: (torch.randn(300, 1, 4, 4, generator=g), None),
+           0.5: (torch.randn(300, 1, 4, 4, generator=g) + 1.0, torch.zeros(300).long())}
     seen = []
 
-    def error_fn(x, t):  # error = squared mean pixel: grows with the shift of the states
-        seen.append(t)
+    def error_fn(x, t, y):  # error = squared mean pixel: grows with the shift of the states
+        seen.append((t, y is None))
         return x.flatten(1).mean(1).square() + 1.0
 
     cs = E.covariate_shift(error_fn, data, own)
-    assert cs["t"] == [1.0, 0.5] and set(seen) == {1.0, 0.5}
+    assert cs["t"] == [1.0, 0.5] and seen == [(1.0, True), (1.0, True), (0.5, True), (0.5, False)]
     assert set(cs) == {"t", "err_data", "err_own", "ratio", "state_fd"}
     assert cs["ratio"][0] == pytest.approx(1.0, abs=0.1)  # same distribution at t = 1
     assert cs["err_own"][1] == pytest.approx(cs["err_data"][1] + 1.0, abs=0.15)  # +1 shift -> +1
@@ -178,10 +180,10 @@ def test_covariate_shift_projects_wide_states():
     # 3x16x16 = 768 dims > STATE_FD_DIMS: a fixed random projection keeps the squared mean shift
     # (768 for +1 per pixel) in expectation and leaves same-distribution sets far below it
     g = torch.Generator().manual_seed(0)
-    data = {0.5: torch.randn(1000, 3, 16, 16, generator=g)}
-    shifted = {0.5: torch.randn(1000, 3, 16, 16, generator=g) + 1.0}
-    same = {0.5: torch.randn(1000, 3, 16, 16, generator=g)}
-    err = lambda x, t: x.flatten(1).mean(1).abs()  # noqa: E731
+    data = {0.5: (torch.randn(1000, 3, 16, 16, generator=g), None)}
+    shifted = {0.5: (torch.randn(1000, 3, 16, 16, generator=g) + 1.0, None)}
+    same = {0.5: (torch.randn(1000, 3, 16, 16, generator=g), None)}
+    err = lambda x, t, y: x.flatten(1).mean(1).abs()  # noqa: E731
     fd_shift = E.covariate_shift(err, data, shifted)["state_fd"][0]
     fd_same = E.covariate_shift(err, data, same)["state_fd"][0]
     assert 0.7 * 768 < fd_shift < 1.4 * 768 and fd_same < 0.15 * 768
@@ -194,15 +196,16 @@ def test_cli_samples_a_guidance_distilled_student_at_its_w(cache, tmp_path):
         for p in net.parameters():
             p.normal_(0.0, 0.05)
     x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), torch.arange(4)
-    assert torch.equal(C.AtW(net, 2.0)(x, t, y), net(x, t, y, torch.full((4,), 2.0)))
+    assert torch.equal(C.guided(net, y, 2.0)(x, t), net(x, t, y, torch.full((4,), 2.0)))  # w is an input
     assert not torch.allclose(net(x, t, y, torch.full((4,), 2.0)), net(x, t, y, torch.full((4,), 0.0)))
     ckpt = str(tmp_path / "ckpt.pt")
     C.save_checkpoint(ckpt, {"net": net.state_dict(), "model_config": net.config, "sampler": "renoise",
-                             "steps": 2, "config": {"dataset": "digits", "bound": "none",
-                                                    "w_min": 1.0, "w_max": 3.0}})
+                             "steps": 2, "w": 2.0, "config": {"dataset": "digits", "bound": "none",
+                                                             "w_min": 1.0, "w_max": 3.0}})
     args = [ckpt, "--steps", "2", "--num-samples", "20", "--cache-dir", cache, "--out", str(tmp_path)]
     res = E.main(args)
-    assert res["w"] == 2.0 and math.isfinite(res["rows"]["2"]["fd"])  # the middle of w_min..w_max
+    assert res["w"] == 2.0 and math.isfinite(res["rows"]["2"]["fd"])  # the w it was evaluated at
+    assert res["bound"] == "clip"  # the sampling bound, not the training --bound
     res_w0 = E.main(args + ["--w", "0"])
     assert res_w0["w"] == 0.0 and res_w0["rows"]["2"]["fd"] != res["rows"]["2"]["fd"]
 
@@ -249,8 +252,8 @@ def test_cli_on_tiny_teacher(tiny_teacher, cache, tmp_path):
     on_disk = json.loads((out / "eval-metrics.json").read_text())
     assert set(on_disk["rows"]) == {"1", "2"} and on_disk["sampler"] == "ddim"
     for m in on_disk["rows"].values():
-        assert set(m) == {"fd", "kid", "precision", "recall", "entropy"}
-        assert all(math.isfinite(v) for v in m.values())
+        assert set(m) == {"fd", "kid", "precision", "recall", "entropy", "cond_acc"}
+        assert m["cond_acc"] is None and all(math.isfinite(m[k]) for k in set(m) - {"cond_acc"})
     assert (out / "eval-K1.png").is_file() and (out / "eval-K2.png").is_file()
     assert on_disk["noise_floor"]["real_halves"]["fd"] < on_disk["rows"]["1"]["fd"]
     assert on_disk["feature_net_heldout_acc"] > 0.95
@@ -260,9 +263,9 @@ def test_cli_on_tiny_teacher(tiny_teacher, cache, tmp_path):
     net, kind, _ = C.load_net(tiny_teacher)
     data_s, own_s = E.grid_states(net, kind, 2, 16, seed=1)
     assert list(data_s) == list(own_s) == C.time_grid(2)[:-1].tolist()
-    assert all(v.shape == (16, 1, 8, 8) for v in (*data_s.values(), *own_s.values()))
-    assert not torch.equal(data_s[0.5], own_s[0.5])
-    cs = E.covariate_shift(lambda x, t: (x - own_s[t]).flatten(1).square().mean(1), data_s, own_s)
+    assert all(x.shape == (16, 1, 8, 8) and y is None for x, y in (*data_s.values(), *own_s.values()))
+    assert not torch.equal(data_s[0.5][0], own_s[0.5][0])
+    cs = E.covariate_shift(lambda x, t, y: (x - own_s[t][0]).flatten(1).square().mean(1), data_s, own_s)
     assert cs["t"] == [1.0, 0.5] and cs["err_own"] == [0.0, 0.0] and cs["err_data"][1] > 0
     # sampling is seeded: the same call gives the same numbers
     m1, x1 = E.evaluate_net(net, kind, 2, 40, cache_dir=cache, seed=3)
@@ -275,3 +278,54 @@ def test_cli_rejects_bad_input(tmp_path):
         E.main([str(tmp_path / "missing.pt")])
     with pytest.raises(SystemExit, match="positive"):
         E.main([str(tmp_path / "missing.pt"), "--steps", "0"])
+
+
+# ---- the conditional protocol ------------------------------------------------------------------
+
+class Recorder(torch.nn.Module):
+    """A conditional v-denoiser that records the labels (and w inputs) of every call."""
+
+    def __init__(self, num_classes=10, w_embed=False):
+        super().__init__()
+        self.num_classes, self.calls = num_classes, []
+        self.config = dict(in_ch=1, resolution=8, num_classes=num_classes, w_embed=w_embed)
+
+    def forward(self, x, t, y=None, w=None):
+        self.calls.append((y.clone(), None if w is None else w.clone()))
+        return 0.1 * x + (0.0 if y is None else y.float().view(-1, 1, 1, 1) / 10)
+
+
+def test_evaluation_samples_balanced_labels_never_the_null_one_at_the_given_w():
+    net = Recorder()
+    E.sample(net, "ddim", 2, 25, w=0.0, batch=10)
+    labels = torch.cat([y for y, _ in net.calls[::2]])  # first step of each batch
+    assert torch.equal(labels, torch.arange(25) % 10)  # balanced, and no null label (10)
+    net.calls.clear()
+    E.sample(net, "ddim", 1, 8, w=2.0)  # a teacher at w: classifier-free guidance, two passes
+    (y, _), = net.calls
+    assert torch.equal(y, torch.cat([torch.arange(8), torch.full((8,), 10)]))
+    student = Recorder(w_embed=True)  # a w-conditioned student: w is an input, one pass
+    E.sample(student, "renoise", 1, 8, w=2.0)
+    (y, w), = student.calls
+    assert torch.equal(y, torch.arange(8)) and torch.equal(w, torch.full((8,), 2.0))
+
+
+def test_conditional_accuracy_reads_the_intended_labels(cache):
+    x, y = C.load_dataset("digits")
+    order = torch.cat([torch.nonzero(y == c)[:10, 0] for c in range(10)])  # 10 of each digit
+    real = C.to_float(x[order]).view(10, 10, 1, 8, 8).transpose(0, 1).reshape(100, 1, 8, 8)
+    labels = E.eval_labels(100, 10)  # 0..9, 0..9, ...: the real digits in that order
+    m = E.sample_metrics(real, cache_dir=cache, labels=labels)
+    assert m["cond_acc"] > 0.95
+    assert E.sample_metrics(real, cache_dir=cache, labels=(labels + 1) % 10)["cond_acc"] < 0.1
+
+
+def test_checkpoint_w_protocol():
+    teacher = C.build_unet("digits", num_classes=10)
+    lcm = C.build_unet("digits", num_classes=10, w_embed=True)
+    assert E.checkpoint_w(teacher, {}, None) == (0.0, 0.0) and E.checkpoint_w(teacher, {}, 3.0) == (3.0, 3.0)
+    assert E.checkpoint_w(lcm, {"w": 2.0}, None) == (2.0, 2.0) and E.checkpoint_w(lcm, {"w": 2.0}, 1.0) == (1.0, 1.0)
+    # a PD / DMD2 student that distilled guidance 2 stands for w = 2 and is sampled plainly
+    assert E.checkpoint_w(teacher, {"w": 2.0}, None) == (2.0, 0.0)
+    with pytest.raises(SystemExit, match="distilled at guidance weight w = 2"):
+        E.checkpoint_w(teacher, {"w": 2.0}, 1.0)

@@ -3,22 +3,16 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 
 import common as C
 import lcm_ddil as L
+from conftest import cfg_v, ddim_step, random_unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def random_unet(seed=0, **kw):
-    """A small U-Net whose zero-initialised output layer is randomised, so v is not 0."""
-    torch.manual_seed(seed)
-    net = C.UNet(in_ch=1, ch=8, ch_mult=(1, 2), num_res=1, resolution=8, **kw)
-    torch.nn.init.normal_(net.out[-1].weight, std=0.3)
-    return net
 
 
 def test_boundary_condition_f_tends_to_x():
@@ -91,11 +85,121 @@ def test_teacher_step_is_commons_ddim_step(tiny_teacher, bound):
         assert torch.allclose(got[i:i + 1], want, atol=1e-5), (bound, k)
 
 
-def test_guided_teacher_matches_commons_cfg():
+# ---- one training iteration, piece by piece, against independent computations -----------------
+
+def cd_label(target, teacher, x, t, s, y, w, bound):
+    """The CD label written out: one guided teacher DDIM step t -> s with x0 bounded, then the
+    target's consistency function f = c_skip x + c_out x0_hat at s (w as the target's input)."""
+    a_t, s_t = (C.bcast(c, x) for c in C.alpha_sigma(t))
+    x0 = C.bound_x0(a_t * x - s_t * cfg_v(teacher, x, t, y, w), bound)
+    x_s = ddim_step(x, x0, t, s)
+    x_s = torch.where(C.bcast(s, x) == 0, x0, x_s)
+    a_s, s_s = (C.bcast(c, x) for c in C.alpha_sigma(s))
+    x0_target = C.bound_x0(a_s * x_s - s_s * target(x_s, s, y, w), bound)
+    st = L.S_T * s.double()
+    c_skip = (L.SD ** 2 / (st ** 2 + L.SD ** 2)).float().view(-1, 1, 1, 1)
+    c_out = (st / (st ** 2 + L.SD ** 2).sqrt()).float().view(-1, 1, 1, 1)
+    return c_skip * x_s + c_out * x0_target
+
+
+def student_f(student, x, t, y, w):
+    a, s = (C.bcast(c, x) for c in C.alpha_sigma(t))
+    st = L.S_T * t.double()
+    c_skip = (L.SD ** 2 / (st ** 2 + L.SD ** 2)).float().view(-1, 1, 1, 1)
+    c_out = (st / (st ** 2 + L.SD ** 2).sqrt()).float().view(-1, 1, 1, 1)
+    return c_skip * x + c_out * (a * x - s * student(x, t, y, w))
+
+
+@pytest.mark.parametrize("bound", ["none", "reflect"])
+def test_guided_loss_and_update_match_the_written_out_cd_step(bound):
     teacher = random_unet(3, num_classes=3).requires_grad_(False)
-    x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), torch.tensor([0, 1, 2, 1])
-    want = C.guided(teacher, y, 2.5, 3)(x, t)
-    assert torch.allclose(L.teacher_v(teacher, x, t, y, torch.full((4,), 2.5)), want, atol=1e-5)
+    student = random_unet(4, num_classes=3, w_embed=True)
+    target = L.make_target(student, 0.9)
+    with torch.no_grad():
+        for p in target.parameters():  # a target that differs from the student
+            p.add_(0.05 * torch.randn_like(p))
+    grid = 12
+    n = torch.tensor([1, 3, 6, 12, 12, 2])
+    x, y, w = 1.5 * torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 1, 0, 2]), torch.tensor([0.0, 1.0, 2.5, 4.0, 1.5, 3.0])
+    t, s = n / grid, (n - 1) / grid
+    label = cd_label(target, teacher, x, t, s, y, w, bound)
+    want = (student_f(student, x, t, y, w) - label).square().flatten(1).mean(1)
+    got = L.consistency_loss(student, target, teacher, x, n, grid, y, w, bound)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+    # the update: SGD on the mean loss moves the student by -lr * grad; the target follows by EMA
+    cfg = types.SimpleNamespace(grid=grid, grad_accum=1, bf16=False, bound=bound, loss="l2",
+                                huber_c=1e-3, grad_clip=1e9, target_ema=0.9)
+    want.mean().backward()
+    grads = [p.grad.clone() for p in student.parameters()]
+    before = [p.detach().clone() for p in student.parameters()]
+    target_before = [p.detach().clone() for p in target.parameters()]
+    student.zero_grad()
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    losses = L.train_step(student, student, target, teacher, opt, x, t, y, w, cfg)
+    torch.testing.assert_close(losses, want.detach(), atol=1e-5, rtol=1e-4)
+    for p, b, g in zip(student.parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), b - 0.1 * g, atol=1e-6, rtol=1e-5)
+    assert any(g.abs().sum() > 0 for g in grads)
+    for pt, tb, ps in zip(target.parameters(), target_before, student.parameters()):
+        torch.testing.assert_close(pt, 0.9 * tb + 0.1 * ps.detach(), atol=1e-6, rtol=1e-5)
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_state_sources_keep_their_conditioning_and_come_from_the_right_network():
+    teacher = random_unet(3, num_classes=3).requires_grad_(False)
+    student = random_unet(4, num_classes=3, w_embed=True)
+    K, grid, m = 2, 8, 3
+    x1, y, w = torch.randn(m, 1, 8, 8), torch.tensor([0, 1, 2]), torch.tensor([1.0, 2.0, 3.0])
+    # teacher: its own guided DDIM on the training grid (8 steps), kept at tau = 1 and 1/2
+    x, t, yy, ww = L.teacher_rollout(teacher, x1, y, w, K, grid, "reflect")
+    z = x1
+    with torch.no_grad():
+        for i in range(grid // K):  # 4 fine steps from t = 1 to t = 1/2
+            tt, ss = torch.full((m,), 1 - i / grid), torch.full((m,), 1 - (i + 1) / grid)
+            a, sg = (C.bcast(c, z) for c in C.alpha_sigma(tt))
+            z = ddim_step(z, C.reflect(a * z - sg * cfg_v(teacher, z, tt, y, w)), tt, ss)
+    torch.testing.assert_close(x[:m], x1)
+    torch.testing.assert_close(x[m:], z, atol=1e-5, rtol=1e-4)
+    assert t.tolist() == [1.0] * m + [0.5] * m and yy.tolist() == y.tolist() * 2 and ww.tolist() == w.tolist() * 2
+    # student: its own re-noising sampler, at its w input; the state at 1/2 is its x0 re-noised
+    torch.manual_seed(5)
+    x, t, yy, ww = L.student_rollout(student, x1, y, w, K, "none")
+    torch.manual_seed(5)
+    noise = torch.randn_like(x1)
+    with torch.no_grad():
+        a, sg = C.alpha_sigma(1.0)
+        x0 = a * x1 - sg * student(x1, torch.ones(m), y, w)
+        a2, s2 = C.alpha_sigma(0.5)
+        torch.testing.assert_close(x[m:], a2 * x0 + s2 * noise, atol=1e-5, rtol=1e-4)
+    assert ww.tolist() == w.tolist() * 2 and not x.requires_grad
+    # data: forward diffusion at grid times, labels and weights as given
+    torch.manual_seed(7)
+    x0 = torch.rand(5, 1, 8, 8) * 2 - 1
+    xd, td, yd, wd = L.data_states(x0, torch.arange(5), torch.full((5,), 2.0), grid)
+    torch.manual_seed(7)
+    torch.rand(5, 1, 8, 8)
+    t_want = torch.randint(1, grid + 1, (5,)) / grid
+    eps = torch.randn_like(x0)
+    a, sg = (C.bcast(c, x0) for c in C.alpha_sigma(t_want))
+    torch.testing.assert_close(td, t_want)
+    torch.testing.assert_close(xd, a * x0 + sg * eps)
+    assert yd.tolist() == list(range(5)) and wd.tolist() == [2.0] * 5
+
+
+def test_student_and_target_have_no_dropout():
+    teacher = random_unet(3, num_classes=3, dropout=0.5)
+    with torch.no_grad():  # (zero-initialised layers would hide dropout)
+        for p in teacher.parameters():
+            p.normal_(0, 0.2)
+    student = C.student_of(teacher, w_embed=True)
+    target = L.make_target(student, 0.95)
+    x, t, y, w = torch.randn(4, 1, 8, 8), torch.rand(4), torch.arange(4) % 3, torch.ones(4)
+    assert student.training and student.config["dropout"] == 0.0
+    assert torch.equal(student(x, t, y, w), student(x, t, y, w))  # deterministic in train mode
+    assert torch.equal(student(x, t, y, w), target(x, t, y, w))  # same randomness: none
+    teacher.train()
+    assert not torch.equal(teacher(x, t, y), teacher(x, t, y))  # (the teacher's dropout is real)
 
 
 def test_sampling_times_on_grid_and_off_grid_error():

@@ -3,12 +3,14 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 
 import common as C
 import pd_ddil as P
+from conftest import cfg_v, ddim_step, random_unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,41 +89,74 @@ def test_unreachable_steps_is_a_one_line_error(tmp_path):
     assert not out.exists()  # stopped before any work
 
 
-@pytest.mark.parametrize("betas,expect", [((0.5, 0.25, 0.25), [4, 2, 2]), ((1, 0, 0), [8, 0, 0]),
-                                          ((0.5, 0, 0.5), [4, 0, 4])])
-def test_batch_counts_per_source(betas, expect):
-    torch.manual_seed(0)
-    net = C.build_unet("digits", ch=8).eval()
-    N, B, shape = 4, 8, (1, 8, 8)
-    counts = C.source_counts(B, betas)
-    assert counts == expect
-    called = []
-
-    def rollout(src, sub):
-        def fn(n):
-            called.append(src)
-            return P.rollout_states(net, n, N, sub, "reflect", shape, 0, "cpu")
-        return fn
-    buffers = {k: C.MixingBuffer(64) for k in ("teacher", "student")}
-    x0 = torch.rand(B, *shape) * 2 - 1
-    x, t, y, src = C.mixed_states(counts, lambda n: P.data_states(x0[:n], torch.zeros(n).long(), N),
-                                  buffers, {"teacher": rollout("teacher", 2), "student": rollout("student", 1)},
-                                  refresh=3)
-    assert x.shape == (B, *shape) and torch.bincount(src, minlength=3).tolist() == expect
-    assert set(called) == {s for s, n in zip(C.SOURCES, counts) if n > 0 and s != "data"}
-    assert torch.allclose(t * N, torch.round(t * N)) and t.min() >= 1 / N and t.max() <= 1  # grid i/N
+def written_out_target(teacher, x_t, t, N, bound, y, w):
+    """PD's target from two guided teacher DDIM steps, written out: the x0 whose one DDIM step
+    t -> s lands where the teacher's two steps t -> t - 1/2N -> s land (x0_hat at s = 0)."""
+    z, x0 = x_t, None
+    for tt, ss in ((t, t - 0.5 / N), (t - 0.5 / N, t - 1 / N)):
+        a, sg = (C.bcast(c, z) for c in C.alpha_sigma(tt))
+        x0 = C.bound_x0(a * z - sg * cfg_v(teacher, z, tt, y, w), bound)
+        z = ddim_step(z, x0, tt, ss)
+    s = t - 1 / N
+    (a_t, s_t), (a_s, s_s) = C.alpha_sigma(t), C.alpha_sigma(s)
+    x_tilde = (z - C.bcast(s_s / s_t, z) * x_t) / C.bcast(a_s - s_s / s_t * a_t, z)
+    return torch.where(C.bcast(s == 0, z).bool(), x0, x_tilde)
 
 
-def test_rollout_states_are_the_samplers_states_at_grid_times():
-    torch.manual_seed(0)
-    net = C.build_unet("digits", ch=8).eval()
-    torch.manual_seed(1)
-    x, t, _ = P.rollout_states(net, 3, 2, 2, "reflect", (1, 8, 8), 0, "cpu")  # 2N = 4-step teacher
-    torch.manual_seed(1)
-    _, states = C.ddim_sample(lambda a, b: net(a, b), torch.randn(3, 1, 8, 8), C.time_grid(4),
-                              "reflect", return_states=True)
-    assert t.tolist() == [1.0] * 3 + [0.5] * 3
-    torch.testing.assert_close(x, torch.cat([states[0], states[2]]))
+@pytest.mark.parametrize("bound", ["none", "reflect"])
+def test_guided_target_loss_and_update_match_the_written_out_pd_step(bound):
+    teacher = random_unet(1, num_classes=3).requires_grad_(False)
+    student = random_unet(2, num_classes=3)
+    N, w = 4, 2.5
+    t = torch.tensor([4, 3, 2, 1, 4, 1]) / N
+    x_t, y = 1.5 * torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.no_grad():
+        want_target = written_out_target(teacher, x_t, t, N, bound, y, w)
+    torch.testing.assert_close(P.pd_target(teacher, x_t, t, N, bound, y, w), want_target, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(P.pd_target(teacher, x_t, t, N, bound, y, 0.0), want_target, atol=1e-3)
+    a, sg = (C.bcast(c, x_t) for c in C.alpha_sigma(t))
+    snr_w = torch.exp(C.logsnr(t)).clamp(min=1.0)
+    want = snr_w * ((a * x_t - sg * student(x_t, t, y)) - want_target).square().flatten(1).mean(1)
+    torch.testing.assert_close(P.pd_loss(student, teacher, x_t, t, N, bound, y, w, False), want,
+                               atol=1e-5, rtol=1e-4)
+    # the update: SGD at the stage's learning rate on the mean loss
+    want.mean().backward()
+    grads = [p.grad.clone() for p in student.parameters()]
+    before = [p.detach().clone() for p in student.parameters()]
+    student.zero_grad()
+    cfg = types.SimpleNamespace(grad_accum=2, bound=bound, bf16=False, grad_clip=1e9)
+    opt = torch.optim.SGD(student.parameters(), lr=1.0)
+    loss = P.train_step(student, student, teacher, opt, x_t, t, y, w, N, 0.05, cfg)
+    torch.testing.assert_close(loss, want.mean().detach(), atol=1e-5, rtol=1e-4)
+    assert opt.param_groups[0]["lr"] == 0.05
+    for p, b_, g in zip(student.parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), b_ - 0.05 * g, atol=1e-6, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in grads) and all(p.grad is None for p in teacher.parameters())
+
+
+def test_rollouts_are_the_samplers_states_at_grid_times_with_their_labels():
+    net = random_unet(1, num_classes=3).eval()
+    x1, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 2, 1])
+    x, t, yy, w = P.rollout_states(net, x1, y, 1.5, 2, 2, "reflect")  # the 2N = 4-step teacher
+    z, states = x1, [x1]
+    with torch.no_grad():
+        for i in range(4):
+            tt, ss = torch.full((3,), 1 - i / 4), torch.full((3,), 1 - (i + 1) / 4)
+            a, sg = (C.bcast(c, z) for c in C.alpha_sigma(tt))
+            z = ddim_step(z, C.reflect(a * z - sg * cfg_v(net, z, tt, y, 1.5)), tt, ss)
+            states.append(z)
+    assert t.tolist() == [1.0] * 3 + [0.5] * 3 and yy.tolist() == [0, 2, 1] * 2 and w == 1.5
+    torch.testing.assert_close(x, torch.cat([states[0], states[2]]), atol=1e-5, rtol=1e-4)
+    assert not x.requires_grad
+    torch.manual_seed(4)
+    x0 = torch.rand(5, 1, 8, 8)
+    xd, td, yd, _ = P.data_states(x0, torch.arange(5), 4)
+    torch.manual_seed(4)
+    torch.rand(5, 1, 8, 8)
+    t_want = torch.randint(1, 5, (5,)).float() / 4
+    a, sg = (C.bcast(c, x0) for c in C.alpha_sigma(t_want))
+    torch.testing.assert_close(xd, a * x0 + sg * torch.randn_like(x0))
+    assert torch.equal(td, t_want) and yd.tolist() == list(range(5))
 
 
 # ----------------------------------------------------------------------------------------------
