@@ -586,13 +586,16 @@ DATASETS = {  # channels, resolution, classes
 
 
 def load_dataset(name, data_dir="data", train=True):
-    """Return (images uint8 [N, C, H, W], labels long [N]) held in memory.
+    """Return (images uint8 [N, C, H, W], labels long [N]).
 
     digits: scikit-learn's load_digits, shipped with the package (no download).
     cifar10: CIFAR-10's python pickles under data_dir (downloaded where online).
     mnist: torchvision's MNIST files under data_dir (downloaded where online).
     imagenet64: downsampled-ImageNet npz batches (`data` N x 12288 uint8, `labels` 1..1000)
     or an ImageFolder of images, under data_dir.
+    cifar10 and imagenet64 are converted once to .npy files in data_dir and memory-mapped (see
+    _cached_arrays): torchrun's ranks share one copy in the page cache. digits and mnist are
+    small and held in memory.
     """
     if name not in DATASETS:
         fail(f"unknown --dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -602,8 +605,8 @@ def load_dataset(name, data_dir="data", train=True):
         x = torch.from_numpy(np.round(d.images * 255.0 / 16.0).astype(np.uint8))[:, None]
         return x, torch.from_numpy(d.target).long()
     if name == "cifar10":
-        return _load_cifar10(data_dir, train)
-    if name == "mnist":
+        x, y = _load_cifar10(data_dir, train)
+    elif name == "mnist":
         import torchvision
         split = "train" if train else "t10k"
         raw = [os.path.join(data_dir, "MNIST", "raw", f"{split}-{k}-ubyte") for k in ("images-idx3", "labels-idx1")]
@@ -612,7 +615,11 @@ def load_dataset(name, data_dir="data", train=True):
                   f"mnist not found under --data-dir {data_dir!r} (MNIST/raw/{split}-*-ubyte)")
         ds = torchvision.datasets.MNIST(data_dir, train=train)
         return ds.data[:, None].contiguous(), ds.targets.long()
-    return _load_imagenet64(data_dir, train)
+    else:
+        x, y = _load_imagenet64(data_dir, train)
+    # the memory maps are copy-on-write ("c"): writable, so torch.from_numpy shares them without
+    # its read-only warning, and a stray in-place write copies one page instead of crashing
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def _download(fetch, present, missing):
@@ -629,6 +636,87 @@ def _download(fetch, present, missing):
             fail(f"{missing}; put the files there")
 
 
+CACHE_VERSION = 1  # bump when the cache's layout changes: every old cache then rebuilds
+
+
+def _cached_arrays(data_dir, name, files, item_shape, count, chunks):
+    """(images uint8 [N, *item_shape], labels int64 [N]) as memory maps of
+    <data_dir>/<name>-uint8.npy and <name>-labels.npy, converted once from `files`.
+
+    Each rank holding its own copy of imagenet64 would be 15.7 GB per rank; a memory map of one
+    file is shared through the page cache. The first rank of each node converts (temporary files,
+    then os.replace, so a crash or a reader never sees half a file; an old cache another run has
+    open stays valid) while the others wait. <name>.json beside it records the source files'
+    paths, sizes and mtimes: when they change, the cache is rebuilt. Where data_dir cannot be
+    written, every rank loads the data into its own memory, as before, and says so.
+
+    count() -> N; chunks() yields (uint8 [n, *item_shape], labels int64 [n]) in order, checking
+    the sources and stopping with one line on a bad one.
+    """
+    import hashlib
+    xp, yp, jp = (os.path.join(data_dir, name + s) for s in ("-uint8.npy", "-labels.npy", ".json"))
+    h = hashlib.sha256()
+    for f in files:  # a digest, so the json stays small for 1.28M ImageFolder files
+        st = os.stat(f)
+        h.update(f"{os.path.relpath(f, data_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    stamp = {"version": CACHE_VERSION, "files": len(files), "digest": h.hexdigest()}
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not _cache_fresh(xp, yp, jp, stamp):
+        _write_cache(xp, yp, jp, stamp, (count(), *item_shape), chunks)
+    barrier()
+    if _cache_fresh(xp, yp, jp, stamp):
+        return np.load(xp, mmap_mode="c"), np.load(yp, mmap_mode="c")
+    n = count()
+    x, y, i = np.empty((n, *item_shape), np.uint8), np.empty(n, np.int64), 0
+    for xc, yc in chunks():
+        x[i:i + len(xc)], y[i:i + len(xc)] = xc, yc
+        i += len(xc)
+    return x, y
+
+
+def _cache_fresh(xp, yp, jp, stamp):
+    """The json names the same sources and both .npy files have the sizes it recorded."""
+    try:
+        with open(jp) as fh:
+            j = json.load(fh)
+        return j["sources"] == stamp and j["bytes"] == [os.path.getsize(xp), os.path.getsize(yp)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _write_cache(xp, yp, jp, stamp, shape, chunks):
+    import socket
+    tag = f".tmp{socket.gethostname()}-{os.getpid()}"  # unique across nodes sharing a filesystem
+    tmps = [p + tag for p in (xp, yp, jp)]
+    try:
+        ys, n = [], 0
+        # written sequentially, not through a memory map: a full disk is then an OSError here,
+        # not a SIGBUS when the kernel finds no block for a page of a sparse file
+        with open(tmps[0], "wb") as fh:
+            np.lib.format.write_array_header_1_0(fh, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            for xc, yc in chunks():
+                fh.write(np.ascontiguousarray(xc, np.uint8).data)
+                ys.append(np.asarray(yc, np.int64))
+                n += len(xc)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if n != shape[0]:
+            fail(f"the sources of {xp} changed while it was being written; run again")
+        with open(tmps[1], "wb") as fh:
+            np.save(fh, np.concatenate(ys) if ys else np.empty(0, np.int64))
+        with open(tmps[2], "w") as fh:
+            json.dump({"sources": stamp, "bytes": [os.path.getsize(t) for t in tmps[:2]]}, fh)
+        for t, p in zip(tmps, (xp, yp, jp)):  # the json last: it vouches for both arrays
+            os.replace(t, p)
+        print(f"converted {shape[0]} images once to {xp} (memory-mapped from now on)", flush=True)
+    except OSError as e:  # read-only data_dir, full disk
+        print(f"note: could not write {xp} ({e.strerror or e}); every process loads the data into "
+              f"its own memory instead (make --data-dir writable to share one copy)", flush=True)
+    finally:
+        for t in tmps:
+            if os.path.exists(t):
+                os.remove(t)
+
+
 CIFAR_FILES = {True: [f"data_batch_{i}" for i in range(1, 6)], False: ["test_batch"]}
 
 
@@ -640,7 +728,6 @@ def _load_cifar10(data_dir, train):
     against the release: the format is all we need, and a cluster's re-packed copy or a test's
     small fake files are as valid. torchvision still downloads (and checks) the archive.
     """
-    import pickle
     folder = os.path.join(data_dir, "cifar-10-batches-py")
     if os.path.isfile(os.path.join(data_dir, CIFAR_FILES[train][0])):
         folder = data_dir
@@ -652,13 +739,80 @@ def _load_cifar10(data_dir, train):
     _download(fetch, lambda: all(map(os.path.isfile, paths)),
               f"cifar10 not found under --data-dir {data_dir!r} (cifar-10-batches-py/"
               f"{', '.join(CIFAR_FILES[train])})")
-    xs, ys = [], []
-    for p in paths:
-        with open(p, "rb") as fh:
-            d = pickle.load(fh, encoding="latin1")  # written by Python 2's cPickle
-        xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d["labels"], dtype=np.int64))
-    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+    return _cached_arrays(data_dir, f"cifar10-{'train' if train else 'test'}", paths, (3, 32, 32),
+                          lambda: sum(len(_read_cifar_batch(p)[1]) for p in paths),
+                          lambda: map(_read_cifar_batch, paths))
+
+
+def _read_cifar_batch(path):
+    """One CIFAR-10 python batch -> (uint8 [N, 3, 32, 32], int64 [N] in 0..9), read as data.
+
+    pickle.load would run whatever a file under --data-dir asks for; this unpickler admits only
+    the globals CIFAR-10's pickles name (numpy's array reconstruction, numpy 1 and 2 spellings,
+    and the bytes of a protocol-2 re-pickle) and stops with one line on anything else.
+    """
+    import codecs
+    import pickle
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray, numeric
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for mod in ("numpy.core", "numpy._core"):  # written by numpy 1 / numpy 2
+        allowed[(mod + ".multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(mod + ".numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5
+
+    def latin1(s, encoding):  # Python 3 pickles bytes at protocol 2 as _codecs.encode(s, "latin1")
+        if encoding != "latin1":
+            fail(f"{path}: refusing to unpickle _codecs.encode(..., {encoding!r}); CIFAR-10 batches "
+                 f"only need latin1: replace the file with one from the CIFAR-10 python release")
+        return codecs.encode(s, "latin1")
+    allowed[("_codecs", "encode")] = latin1
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in allowed:
+                fail(f"{path}: refusing to unpickle the global {module}.{name}, which CIFAR-10 "
+                     f"batches never hold: replace the file with one from the CIFAR-10 python release")
+            return allowed[(module, name)]
+
+    try:
+        with open(path, "rb") as fh:
+            d = Unpickler(fh, encoding="latin1").load()  # written by Python 2's cPickle
+    except Exception as e:  # truncated or not a pickle: one line, no traceback
+        fail(f"{path} is not a readable CIFAR-10 python batch ({type(e).__name__}: "
+             f"{str(e).splitlines()[0][:120] if str(e) else ''}); replace it with one from the release")
+    if not isinstance(d, dict):
+        fail(f"{path} holds a {type(d).__name__}, not a CIFAR-10 batch dict: replace it with one from the release")
+    d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}  # b"data" too
+    for key in ("data", "labels"):
+        if key not in d:
+            fail(f"{path} has no {key!r} entry: not a CIFAR-10 python batch; replace it with one from the release")
+    x = d["data"]
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
+        what = f"a {x.dtype} array of shape {x.shape}" if isinstance(x, np.ndarray) else f"a {type(x).__name__}"
+        fail(f"{path}: `data` is {what}, expected uint8 N x 3072 (32x32 RGB planes); replace it with one from the release")
+    try:
+        y = np.asarray(d["labels"])
+    except ValueError:  # ragged
+        y = np.asarray(None)
+    if y.dtype.kind not in "iu" or y.shape != (len(x),):
+        fail(f"{path}: `labels` should be {len(x)} integers, one per image, got {y.dtype} of shape "
+             f"{y.shape}; replace it with one from the release")
+    if len(y) and (y.min() < 0 or y.max() > 9):
+        fail(f"{path}: labels span {y.min()}..{y.max()}, expected 0..9; replace it with one from the release")
+    return x.reshape(-1, 3, 32, 32), y.astype(np.int64)
+
+
+def _npz_member(f, key):
+    """One array of an npz batch, with a one-line error for a file that is not one."""
+    import zipfile
+    try:
+        with np.load(f) as d:
+            return d[key]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        fail(f"{f} is not a downsampled-ImageNet npz batch with `data` and `labels` "
+             f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
 
 
 def _load_imagenet64(data_dir, train):
@@ -668,28 +822,24 @@ def _load_imagenet64(data_dir, train):
     data_dir/{train,val}/<class>/<image>, box-downsampled to 64x64 where larger.
     """
     import glob
+    split = "train" if train else "val"
     pattern = "train_data_batch_*.npz" if train else "val_data*.npz"
     files = glob.glob(os.path.join(data_dir, pattern)) + glob.glob(os.path.join(data_dir, "*", pattern))
     files.sort(key=lambda f: (len(os.path.basename(f)), os.path.basename(f)))  # batch_2 before _10
     if files:
-        # npz members load lazily: count the labels first, then fill one preallocated array, so
-        # peak memory is the dataset (15.7 GB for the full train set), not twice that
-        counts = [len(np.load(f)["labels"]) for f in files]
-        x, y = np.empty((sum(counts), 3, 64, 64), np.uint8), np.empty(sum(counts), np.int64)
-        i = 0
-        for f, n in zip(files, counts):
-            with np.load(f) as d:
-                if d["data"].shape != (n, 3 * 64 * 64):
-                    fail(f"{f}: `data` has shape {d['data'].shape}, expected ({n}, 12288): "
+        def chunks():  # one batch file at a time: peak memory is one file, not the data set
+            for f in files:
+                x, y = _npz_member(f, "data"), np.asarray(_npz_member(f, "labels"))
+                if x.ndim != 2 or x.shape != (len(y), 3 * 64 * 64) or x.dtype != np.uint8:
+                    fail(f"{f}: `data` is {x.dtype} of shape {x.shape}, expected uint8 ({len(y)}, 12288): "
                          f"use the 64x64 downsampled-ImageNet npz batches")
-                x[i:i + n] = d["data"].reshape(n, 3, 64, 64)
-                y[i:i + n] = d["labels"]
-            i += n
-        if y.min() < 1 or y.max() > 1000:
-            fail(f"imagenet64 labels under {data_dir!r} span {y.min()}..{y.max()}, expected 1..1000 "
-                 f"as in the downsampled-ImageNet release")
-        return torch.from_numpy(x), torch.from_numpy(y - 1)  # labels 1..1000 -> 0..999
-    folder = os.path.join(data_dir, "train" if train else "val")
+                if len(y) and (y.min() < 1 or y.max() > 1000):
+                    fail(f"{f}: labels span {y.min()}..{y.max()}, expected 1..1000 as in the "
+                         f"downsampled-ImageNet release")
+                yield x.reshape(-1, 3, 64, 64), y - 1  # labels 1..1000 -> 0..999
+        return _cached_arrays(data_dir, f"imagenet64-{split}", files, (3, 64, 64),
+                              lambda: sum(len(_npz_member(f, "labels")) for f in files), chunks)
+    folder = os.path.join(data_dir, split)
     if not os.path.isdir(folder):
         fail(f"imagenet64 not found under --data-dir {data_dir!r}: put the downsampled-ImageNet "
              f"64x64 npz batches ({pattern}) or an ImageFolder ({folder}/<class>/*.png) there")
@@ -702,11 +852,17 @@ def _load_imagenet64(data_dir, train):
              f"expected {folder}/<class>/*.png")
     if len(ds.classes) > DATASETS["imagenet64"][2]:
         fail(f"ImageFolder {folder!r} has {len(ds.classes)} classes; imagenet64 models have at most 1000")
-    x = np.empty((len(ds), 64, 64, 3), np.uint8)
-    for i, (path, _) in enumerate(ds.samples):
-        im = ds.loader(path)  # PIL, converted to RGB
-        x[i] = np.asarray(im if im.size == (64, 64) else im.resize((64, 64), Image.BOX))
-    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(ds.targets).long()
+
+    def chunks():
+        for path, label in ds.samples:
+            try:
+                im = ds.loader(path)  # PIL, converted to RGB
+            except OSError as e:  # not an image, truncated
+                fail(f"{path}: cannot read the image ({type(e).__name__}); remove or replace it")
+            hwc = np.asarray(im if im.size == (64, 64) else im.resize((64, 64), Image.BOX))
+            yield hwc.transpose(2, 0, 1)[None], np.array([label])
+    return _cached_arrays(data_dir, f"imagenet64-{split}-folder", [p for p, _ in ds.samples],
+                          (3, 64, 64), lambda: len(ds.samples), chunks)
 
 
 def to_float(x_uint8):
