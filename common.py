@@ -83,6 +83,9 @@ def check_positive(cfg, *names):
 def check_betas(beta_data, beta_teacher, beta_student):
     """Validate DDIL mixing priors; returns them normalised to sum to 1."""
     betas = (beta_data, beta_teacher, beta_student)
+    if not all(map(math.isfinite, betas)):  # NaN passes every comparison below
+        fail(f"mixing priors must be finite numbers, got --beta-data {beta_data} --beta-teacher "
+             f"{beta_teacher} --beta-student {beta_student}")
     if min(betas) < 0:
         fail(f"mixing priors must be >= 0, got --beta-data {beta_data} --beta-teacher "
              f"{beta_teacher} --beta-student {beta_student}")
@@ -982,14 +985,102 @@ def mixed_states(counts, data_states, buffers, rollouts, refresh, batch_t=None):
 # checkpoints: atomic writes, weights_only loads, one-line shape errors
 # ----------------------------------------------------------------------------------------------
 
+def check_out_dir(out):
+    """Create --out, or stop with one line when it names a file or cannot be created (call it
+    before anything is written there)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--out {out!r} is a file, not a directory: pick another --out")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:  # a parent is a file, no permission, read-only filesystem
+        fail(f"cannot create --out {out!r} ({e.strerror or e}): pick another --out")
+    if not os.access(out, os.W_OK | os.X_OK):
+        fail(f"--out {out!r} is not writable: pick another --out")
+
+
+def _atomic_write(path, write, what):
+    """write(fh) to a temporary file beside path, fsync, os.replace: a crash, a full disk or a
+    lost permission never leaves a half-written file, and the previous one stays. An OSError
+    removes the temporary file and stops with one line."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "wb") as fh:  # a file object, not a path: torch.save then raises OSError
+            write(fh)                # on a full disk, not a RuntimeError without an errno
+            fh.flush()
+            os.fsync(fh.fileno())  # NFS and delayed allocation report a full disk only here
+        os.replace(tmp, path)
+    except OSError as e:
+        kept = f"; the previous {what} is kept" if os.path.isfile(path) else ""
+        fail(f"could not write {what} {path} ({e.strerror or e}): free space or pick another --out{kept}")
+    finally:
+        try:
+            os.remove(tmp)
+        except OSError:  # already replaced, or never created
+            pass
+
+
+_SAVED_STEPS = {}  # abspath -> the step this process last wrote there (no need to read it back)
+
+
 def save_checkpoint(path, state):
-    """Write to a temporary file, then os.replace: a crash never leaves a half-written ckpt."""
+    """Write atomically (_atomic_write), and never a diverged state: a NaN or inf in any floating
+    tensor stops with one line that names it and the last good checkpoint, which stays."""
     if not is_main():
         return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    bad = nonfinite_key(state)
+    if bad is not None:
+        step = state.get("step") if isinstance(state, dict) else None
+        at = f" at step {step}" if step is not None else ""
+        resume = " (it resumes from there)" if os.path.isfile(path) else ""
+        fail(f"not writing {path}: {bad} holds NaN or inf{at}; {last_checkpoint(path)}: "
+             f"lower --lr and rerun{resume}")
+    _atomic_write(path, lambda fh: torch.save(state, fh), "checkpoint")
+    if isinstance(state, dict) and "step" in state:
+        _SAVED_STEPS[os.path.abspath(path)] = state["step"]
+
+
+def last_checkpoint(path):
+    """'the last checkpoint is PATH (step N)' or 'no checkpoint was written yet': the piece of a
+    one-line error that tells a diverged run where a rerun resumes from."""
+    if not os.path.isfile(path):
+        return "no checkpoint was written yet"
+    step = _SAVED_STEPS.get(os.path.abspath(path))
+    if step is None:
+        try:  # mmap: the tensors are not read, only the pickle around them
+            step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")
+        except Exception:
+            return f"the last checkpoint is {path} (unreadable)"
+    return f"the last checkpoint is {path}" + (f" (step {step})" if step is not None else "")
+
+
+def nonfinite_key(obj, key=""):
+    """The key path ('opt.state.3.exp_avg') of the first floating tensor in obj, through dicts,
+    lists and tuples, that holds a NaN or inf; None when all are finite. A MixingBuffer state
+    (a dict with `size` and `ptr`) is checked in its first `size` rows only: the rest was never
+    written (new_empty) and may hold any bits."""
+    if torch.is_tensor(obj):
+        if obj.is_floating_point() and obj.numel():
+            # one reduction, no full-size temporary: a NaN or inf makes the sum non-finite; a
+            # non-finite sum of finite values (overflow) is confirmed element-wise
+            s = obj.detach().sum(dtype=torch.float32)
+            if not torch.isfinite(s) and not torch.isfinite(obj.detach()).all():
+                return key or "the state"
+        return None
+    if isinstance(obj, dict):
+        rows = obj["size"] if "ptr" in obj and isinstance(obj.get("size"), int) else None
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        rows, items = None, enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        if rows is not None and torch.is_tensor(v) and v.dim():
+            v = v[:rows]
+        bad = nonfinite_key(v, f"{key}.{k}" if key else str(k))
+        if bad is not None:
+            return bad
+    return None
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -1029,10 +1120,16 @@ class Logger:
             from tqdm import tqdm
             os.makedirs(out, exist_ok=True)
             if os.path.isfile(self.path):  # resuming: drop records past the checkpoint's step
+                keep = []
                 with open(self.path) as fh:
-                    keep = [ln for ln in fh if json.loads(ln).get("step", 0) <= initial]
-                with open(self.path, "w") as fh:
-                    fh.writelines(keep)
+                    for ln in fh:
+                        try:
+                            rec = json.loads(ln)
+                        except ValueError:  # a line cut short by a crash or a full disk
+                            continue
+                        if isinstance(rec, dict) and rec.get("step", 0) <= initial:
+                            keep.append(ln.rstrip("\n") + "\n")
+                _atomic_write(self.path, lambda fh: fh.write("".join(keep).encode()), "log")
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
                             disable=None, mininterval=1.0)
 
@@ -1040,8 +1137,11 @@ class Logger:
         if not self.main:
             return
         rec = {"step": step, "time": round(time.time() - self.t0, 3), **metrics}
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(rec) + "\n")
+        try:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        except OSError as e:
+            fail(f"could not write the log {self.path} ({e.strerror or e}): free space or pick another --out")
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float)})
 
     def update(self, n=1):
@@ -1054,21 +1154,21 @@ class Logger:
 
 
 def save_grid(x, path, nrow=None):
-    """Save images in [-1, 1] as one PNG grid."""
+    """Save images in [-1, 1] as one PNG grid (atomically, see _atomic_write)."""
     import torchvision
     if not is_main():
         return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     x = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2)
     if x.shape[-1] < 32:  # small images (digits 8x8): upscale so the grid can be looked at
         x = F.interpolate(x, scale_factor=32 // x.shape[-1], mode="nearest")
-    torchvision.utils.save_image(x, path, nrow=nrow or int(math.ceil(math.sqrt(len(x)))), padding=2)
+    nrow = nrow or int(math.ceil(math.sqrt(len(x))))
+    _atomic_write(path, lambda fh: torchvision.utils.save_image(x, fh, format="png", nrow=nrow, padding=2),
+                  "image")
 
 
 def write_json(obj, path):
     if is_main():
-        with open(path, "w") as fh:
-            json.dump(obj, fh, indent=2)
+        _atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=2).encode()), "file")
 
 
 # ----------------------------------------------------------------------------------------------
