@@ -597,8 +597,8 @@ def load_dataset(name, data_dir="data", train=True):
     imagenet64: downsampled-ImageNet npz batches (`data` N x 12288 uint8, `labels` 1..1000)
     or an ImageFolder of images, under data_dir.
     cifar10 and imagenet64 are converted once to .npy files in data_dir and memory-mapped (see
-    _cached_arrays): torchrun's ranks share one copy in the page cache. digits and mnist are
-    small and held in memory.
+    _cached_arrays): processes, torchrun's ranks among them, share one copy in the page cache.
+    digits and mnist are small and held in memory.
     """
     if name not in DATASETS:
         fail(f"unknown --dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -647,11 +647,14 @@ def _cached_arrays(data_dir, name, files, item_shape, count, chunks):
     <data_dir>/<name>-uint8.npy and <name>-labels.npy, converted once from `files`.
 
     Each rank holding its own copy of imagenet64 would be 15.7 GB per rank; a memory map of one
-    file is shared through the page cache. The first rank of each node converts (temporary files,
-    then os.replace, so a crash or a reader never sees half a file; an old cache another run has
-    open stays valid) while the others wait. <name>.json beside it records the source files'
-    paths, sizes and mtimes: when they change, the cache is rebuilt. Where data_dir cannot be
-    written, every rank loads the data into its own memory, as before, and says so.
+    file is shared through the page cache. The first process to find the cache missing or stale
+    converts it (temporary files, then os.replace: a crash or a reader never sees half a file, and
+    an old cache another run has open stays valid) under a file lock, <name>.lock: torchrun's
+    other ranks, on any node sharing data_dir, wait at the lock and then open the new cache. A
+    lock, not barrier(): load_dataset is also called by rank 0 alone (evaluate's reference
+    features), where a collective would hang. <name>.json records the source files' paths, sizes
+    and mtimes: when they change, the cache is rebuilt. Where data_dir cannot be written, every
+    process loads the data into its own memory, as before, and says so.
 
     count() -> N; chunks() yields (uint8 [n, *item_shape], labels int64 [n]) in order, checking
     the sources and stopping with one line on a bad one.
@@ -663,9 +666,22 @@ def _cached_arrays(data_dir, name, files, item_shape, count, chunks):
         st = os.stat(f)
         h.update(f"{os.path.relpath(f, data_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     stamp = {"version": CACHE_VERSION, "files": len(files), "digest": h.hexdigest()}
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not _cache_fresh(xp, yp, jp, stamp):
-        _write_cache(xp, yp, jp, stamp, (count(), *item_shape), chunks)
-    barrier()
+    if not _cache_fresh(xp, yp, jp, stamp):
+        import fcntl
+        try:
+            lock = open(os.path.join(data_dir, name + ".lock"), "a")
+        except OSError as e:  # read-only data_dir
+            lock = None
+            print(f"note: cannot write in {data_dir} ({e.strerror or e}); every process loads the "
+                  f"data into its own memory (make --data-dir writable to share one copy)", flush=True)
+        if lock is not None:
+            with lock:  # closing it releases the lock, as the kernel does if this process dies
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                except OSError:  # a filesystem without locks: converting twice is only slower
+                    pass
+                if not _cache_fresh(xp, yp, jp, stamp):  # not converted while we waited
+                    _write_cache(xp, yp, jp, stamp, (count(), *item_shape), chunks)
     if _cache_fresh(xp, yp, jp, stamp):
         return np.load(xp, mmap_mode="c"), np.load(yp, mmap_mode="c")
     n = count()

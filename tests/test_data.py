@@ -365,7 +365,7 @@ def test_cifar10_malformed_batch_is_one_line(tmp_path, case):
         C.load_dataset("cifar10", str(tmp_path))
     msg = str(e.value)
     assert msg.startswith("error:") and "\n" not in msg and str(path) in msg, msg
-    assert not list(tmp_path.glob("*.tmp*")) and not list(tmp_path.glob("cifar10-*"))  # no cache left
+    assert not list(tmp_path.glob("*.tmp*")) and not [p for p in tmp_path.glob("cifar10-*") if p.suffix != ".lock"]
 
 
 def test_cifar10_malformed_exits_without_traceback(tmp_path):
@@ -465,21 +465,40 @@ def test_cache_not_writable_loads_into_memory(tmp_path, monkeypatch, capsys):
     x, _ = C.load_dataset("imagenet64", str(tmp_path))
     assert torch.equal(x, torch.from_numpy(img)) and mapped_file(x) != cache_files(tmp_path, "imagenet64-train")[0]
     assert "No space left on device" in capsys.readouterr().out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_data_batch_1.npz", "train_data_batch_2.npz",
-                                                           "val_data.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imagenet64-train.lock", "train_data_batch_1.npz",
+                                                           "train_data_batch_2.npz", "val_data.npz"]
 
 
-def test_only_the_first_local_rank_converts(tmp_path, monkeypatch):
-    """Under torchrun the other ranks wait at the barrier (a no-op here) and open rank 0's cache;
-    with none there, they load into memory rather than race to write it."""
+def test_a_conversion_in_progress_is_waited_for(tmp_path):
+    """Another process converting (it holds <name>.lock): a loader waits, then opens its cache
+    rather than converting beside it. No collective: rank 0 alone also calls load_dataset."""
+    import fcntl
+    import threading
     img, _ = write_imagenet64_npz(tmp_path, (3, 2))
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    x, _ = C.load_dataset("imagenet64", str(tmp_path))
-    assert torch.equal(x, torch.from_numpy(img)) and not os.path.exists(cache_files(tmp_path, "imagenet64-train")[0])
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    C.load_dataset("imagenet64", str(tmp_path))
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    assert mapped_file(C.load_dataset("imagenet64", str(tmp_path))[0]) == cache_files(tmp_path, "imagenet64-train")[0]
+    xp = cache_files(tmp_path, "imagenet64-train")[0]
+    lock = open(tmp_path / "imagenet64-train.lock", "a")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # a second open file: its flock conflicts even in-process
+    got = []
+    t = threading.Thread(target=lambda: got.append(C.load_dataset("imagenet64", str(tmp_path))))
+    t.start()
+    t.join(1.0)
+    assert t.is_alive() and not os.path.exists(xp)  # waiting, not converting
+    lock.close()  # the other process is done (here: it converted nothing, so this one does)
+    t.join(30)
+    assert not t.is_alive() and torch.equal(got[0][0], torch.from_numpy(img)) and mapped_file(got[0][0]) == xp
+
+
+def test_two_processes_at_once_convert_once(tmp_path):
+    img, lab = write_imagenet64_npz(tmp_path, (3, 2))
+    code = ("import common, sys; x, y = common.load_dataset('imagenet64', sys.argv[1]); "
+            "print('sum', int(x.sum()), int(y.sum()))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    lines = [o.strip().splitlines() for o, _ in outs]
+    assert sum("converted" in ln for ls in lines for ln in ls) == 1, outs
+    assert lines[0][-1] == lines[1][-1] == f"sum {int(img.sum(dtype=np.int64))} {sum(lab) - len(lab)}"
 
 
 def test_imagenet64_npz_not_an_npz_is_one_line(tmp_path):
