@@ -681,15 +681,22 @@ def _cached_arrays(data_dir, name, files, item_shape, count, chunks):
                 except OSError:  # a filesystem without locks: converting twice is only slower
                     pass
                 if not _cache_fresh(xp, yp, jp, stamp):  # not converted while we waited
-                    _write_cache(xp, yp, jp, stamp, (count(), *item_shape), chunks)
+                    _write_cache(xp, yp, jp, stamp, (_count(count, name, data_dir), *item_shape), chunks)
     if _cache_fresh(xp, yp, jp, stamp):
         return np.load(xp, mmap_mode="c"), np.load(yp, mmap_mode="c")
-    n = count()
+    n = _count(count, name, data_dir)
     x, y, i = np.empty((n, *item_shape), np.uint8), np.empty(n, np.int64), 0
     for xc, yc in chunks():
         x[i:i + len(xc)], y[i:i + len(xc)] = xc, yc
         i += len(xc)
     return x, y
+
+
+def _count(count, name, data_dir):
+    n = count()
+    if n == 0:  # an empty memory map cannot be opened, and there is nothing to train on
+        fail(f"the {name} files under --data-dir {data_dir!r} hold no images")
+    return n
 
 
 def _cache_fresh(xp, yp, jp, stamp):

@@ -510,3 +510,7 @@ def test_imagenet64_npz_not_an_npz_is_one_line(tmp_path):
     np.savez(tmp_path / "train_data_batch_2.npz", data=np.zeros((2, 12288), np.uint8))  # no labels
     with pytest.raises(SystemExit, match="train_data_batch_2.npz.*labels"):
         C.load_dataset("imagenet64", str(tmp_path))
+    for k in (1, 2):  # batches with no images
+        np.savez(tmp_path / f"train_data_batch_{k}.npz", data=np.zeros((0, 12288), np.uint8), labels=[])
+    with pytest.raises(SystemExit, match="hold no images"):
+        C.load_dataset("imagenet64", str(tmp_path))
