@@ -83,6 +83,9 @@ def check_positive(cfg, *names):
 def check_betas(beta_data, beta_teacher, beta_student):
     """Validate DDIL mixing priors; returns them normalised to sum to 1."""
     betas = (beta_data, beta_teacher, beta_student)
+    if not all(map(math.isfinite, betas)):  # NaN passes every comparison below
+        fail(f"mixing priors must be finite numbers, got --beta-data {beta_data} --beta-teacher "
+             f"{beta_teacher} --beta-student {beta_student}")
     if min(betas) < 0:
         fail(f"mixing priors must be >= 0, got --beta-data {beta_data} --beta-teacher "
              f"{beta_teacher} --beta-student {beta_student}")
@@ -577,13 +580,16 @@ DATASETS = {  # channels, resolution, classes
 
 
 def load_dataset(name, data_dir="data", train=True):
-    """Return (images uint8 [N, C, H, W], labels long [N]) held in memory.
+    """Return (images uint8 [N, C, H, W], labels long [N]).
 
     digits: scikit-learn's load_digits, shipped with the package (no download).
     cifar10: CIFAR-10's python pickles under data_dir (downloaded where online).
     mnist: torchvision's MNIST files under data_dir (downloaded where online).
     imagenet64: downsampled-ImageNet npz batches (`data` N x 12288 uint8, `labels` 1..1000)
     or an ImageFolder of images, under data_dir.
+    cifar10 and imagenet64 are converted once to .npy files in data_dir and memory-mapped (see
+    _cached_arrays): processes, torchrun's ranks among them, share one copy in the page cache.
+    digits and mnist are small and held in memory.
     """
     if name not in DATASETS:
         fail(f"unknown --dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -593,8 +599,8 @@ def load_dataset(name, data_dir="data", train=True):
         x = torch.from_numpy(np.round(d.images * 255.0 / 16.0).astype(np.uint8))[:, None]
         return x, torch.from_numpy(d.target).long()
     if name == "cifar10":
-        return _load_cifar10(data_dir, train)
-    if name == "mnist":
+        x, y = _load_cifar10(data_dir, train)
+    elif name == "mnist":
         import torchvision
         split = "train" if train else "t10k"
         raw = [os.path.join(data_dir, "MNIST", "raw", f"{split}-{k}-ubyte") for k in ("images-idx3", "labels-idx1")]
@@ -603,7 +609,11 @@ def load_dataset(name, data_dir="data", train=True):
                   f"mnist not found under --data-dir {data_dir!r} (MNIST/raw/{split}-*-ubyte)")
         ds = torchvision.datasets.MNIST(data_dir, train=train)
         return ds.data[:, None].contiguous(), ds.targets.long()
-    return _load_imagenet64(data_dir, train)
+    else:
+        x, y = _load_imagenet64(data_dir, train)
+    # the memory maps are copy-on-write ("c"): writable, so torch.from_numpy shares them without
+    # its read-only warning, and a stray in-place write copies one page instead of crashing
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def _download(fetch, present, missing):
@@ -620,6 +630,110 @@ def _download(fetch, present, missing):
             fail(f"{missing}; put the files there")
 
 
+CACHE_VERSION = 1  # bump when the cache's layout changes: every old cache then rebuilds
+
+
+def _cached_arrays(data_dir, name, files, item_shape, count, chunks):
+    """(images uint8 [N, *item_shape], labels int64 [N]) as memory maps of
+    <data_dir>/<name>-uint8.npy and <name>-labels.npy, converted once from `files`.
+
+    Each rank holding its own copy of imagenet64 would be 15.7 GB per rank; a memory map of one
+    file is shared through the page cache. The first process to find the cache missing or stale
+    converts it (temporary files, then os.replace: a crash or a reader never sees half a file, and
+    an old cache another run has open stays valid) under a file lock, <name>.lock: torchrun's
+    other ranks, on any node sharing data_dir, wait at the lock and then open the new cache. A
+    lock, not barrier(): load_dataset is also called by rank 0 alone (evaluate's reference
+    features), where a collective would hang. <name>.json records the source files' paths, sizes
+    and mtimes: when they change, the cache is rebuilt. Where data_dir cannot be written, every
+    process loads the data into its own memory, as before, and says so.
+
+    count() -> N; chunks() yields (uint8 [n, *item_shape], labels int64 [n]) in order, checking
+    the sources and stopping with one line on a bad one.
+    """
+    import hashlib
+    xp, yp, jp = (os.path.join(data_dir, name + s) for s in ("-uint8.npy", "-labels.npy", ".json"))
+    h = hashlib.sha256()
+    for f in files:  # a digest, so the json stays small for 1.28M ImageFolder files
+        st = os.stat(f)
+        h.update(f"{os.path.relpath(f, data_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    stamp = {"version": CACHE_VERSION, "files": len(files), "digest": h.hexdigest()}
+    if not _cache_fresh(xp, yp, jp, stamp):
+        import fcntl
+        try:
+            lock = open(os.path.join(data_dir, name + ".lock"), "a")
+        except OSError as e:  # read-only data_dir
+            lock = None
+            print(f"note: cannot write in {data_dir} ({e.strerror or e}); every process loads the "
+                  f"data into its own memory (make --data-dir writable to share one copy)", flush=True)
+        if lock is not None:
+            with lock:  # closing it releases the lock, as the kernel does if this process dies
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                except OSError:  # a filesystem without locks: converting twice is only slower
+                    pass
+                if not _cache_fresh(xp, yp, jp, stamp):  # not converted while we waited
+                    _write_cache(xp, yp, jp, stamp, (_count(count, name, data_dir), *item_shape), chunks)
+    if _cache_fresh(xp, yp, jp, stamp):
+        return np.load(xp, mmap_mode="c"), np.load(yp, mmap_mode="c")
+    n = _count(count, name, data_dir)
+    x, y, i = np.empty((n, *item_shape), np.uint8), np.empty(n, np.int64), 0
+    for xc, yc in chunks():
+        x[i:i + len(xc)], y[i:i + len(xc)] = xc, yc
+        i += len(xc)
+    return x, y
+
+
+def _count(count, name, data_dir):
+    n = count()
+    if n == 0:  # an empty memory map cannot be opened, and there is nothing to train on
+        fail(f"the {name} files under --data-dir {data_dir!r} hold no images")
+    return n
+
+
+def _cache_fresh(xp, yp, jp, stamp):
+    """The json names the same sources and both .npy files have the sizes it recorded."""
+    try:
+        with open(jp) as fh:
+            j = json.load(fh)
+        return j["sources"] == stamp and j["bytes"] == [os.path.getsize(xp), os.path.getsize(yp)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _write_cache(xp, yp, jp, stamp, shape, chunks):
+    import socket
+    tag = f".tmp{socket.gethostname()}-{os.getpid()}"  # unique across nodes sharing a filesystem
+    tmps = [p + tag for p in (xp, yp, jp)]
+    try:
+        ys, n = [], 0
+        # written sequentially, not through a memory map: a full disk is then an OSError here,
+        # not a SIGBUS when the kernel finds no block for a page of a sparse file
+        with open(tmps[0], "wb") as fh:
+            np.lib.format.write_array_header_1_0(fh, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            for xc, yc in chunks():
+                fh.write(np.ascontiguousarray(xc, np.uint8).data)
+                ys.append(np.asarray(yc, np.int64))
+                n += len(xc)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if n != shape[0]:
+            fail(f"the sources of {xp} changed while it was being written; run again")
+        with open(tmps[1], "wb") as fh:
+            np.save(fh, np.concatenate(ys) if ys else np.empty(0, np.int64))
+        with open(tmps[2], "w") as fh:
+            json.dump({"sources": stamp, "bytes": [os.path.getsize(t) for t in tmps[:2]]}, fh)
+        for t, p in zip(tmps, (xp, yp, jp)):  # the json last: it vouches for both arrays
+            os.replace(t, p)
+        print(f"converted {shape[0]} images once to {xp} (memory-mapped from now on)", flush=True)
+    except OSError as e:  # read-only data_dir, full disk
+        print(f"note: could not write {xp} ({e.strerror or e}); every process loads the data into "
+              f"its own memory instead (make --data-dir writable to share one copy)", flush=True)
+    finally:
+        for t in tmps:
+            if os.path.exists(t):
+                os.remove(t)
+
+
 CIFAR_FILES = {True: [f"data_batch_{i}" for i in range(1, 6)], False: ["test_batch"]}
 
 
@@ -631,7 +745,6 @@ def _load_cifar10(data_dir, train):
     against the release: the format is all we need, and a cluster's re-packed copy or a test's
     small fake files are as valid. torchvision still downloads (and checks) the archive.
     """
-    import pickle
     folder = os.path.join(data_dir, "cifar-10-batches-py")
     if os.path.isfile(os.path.join(data_dir, CIFAR_FILES[train][0])):
         folder = data_dir
@@ -643,13 +756,80 @@ def _load_cifar10(data_dir, train):
     _download(fetch, lambda: all(map(os.path.isfile, paths)),
               f"cifar10 not found under --data-dir {data_dir!r} (cifar-10-batches-py/"
               f"{', '.join(CIFAR_FILES[train])})")
-    xs, ys = [], []
-    for p in paths:
-        with open(p, "rb") as fh:
-            d = pickle.load(fh, encoding="latin1")  # written by Python 2's cPickle
-        xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d["labels"], dtype=np.int64))
-    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+    return _cached_arrays(data_dir, f"cifar10-{'train' if train else 'test'}", paths, (3, 32, 32),
+                          lambda: sum(len(_read_cifar_batch(p)[1]) for p in paths),
+                          lambda: map(_read_cifar_batch, paths))
+
+
+def _read_cifar_batch(path):
+    """One CIFAR-10 python batch -> (uint8 [N, 3, 32, 32], int64 [N] in 0..9), read as data.
+
+    pickle.load would run whatever a file under --data-dir asks for; this unpickler admits only
+    the globals CIFAR-10's pickles name (numpy's array reconstruction, numpy 1 and 2 spellings,
+    and the bytes of a protocol-2 re-pickle) and stops with one line on anything else.
+    """
+    import codecs
+    import pickle
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray, numeric
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for mod in ("numpy.core", "numpy._core"):  # written by numpy 1 / numpy 2
+        allowed[(mod + ".multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(mod + ".numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5
+
+    def latin1(s, encoding):  # Python 3 pickles bytes at protocol 2 as _codecs.encode(s, "latin1")
+        if encoding != "latin1":
+            fail(f"{path}: refusing to unpickle _codecs.encode(..., {encoding!r}); CIFAR-10 batches "
+                 f"only need latin1: replace the file with one from the CIFAR-10 python release")
+        return codecs.encode(s, "latin1")
+    allowed[("_codecs", "encode")] = latin1
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in allowed:
+                fail(f"{path}: refusing to unpickle the global {module}.{name}, which CIFAR-10 "
+                     f"batches never hold: replace the file with one from the CIFAR-10 python release")
+            return allowed[(module, name)]
+
+    try:
+        with open(path, "rb") as fh:
+            d = Unpickler(fh, encoding="latin1").load()  # written by Python 2's cPickle
+    except Exception as e:  # truncated or not a pickle: one line, no traceback
+        fail(f"{path} is not a readable CIFAR-10 python batch ({type(e).__name__}: "
+             f"{str(e).splitlines()[0][:120] if str(e) else ''}); replace it with one from the release")
+    if not isinstance(d, dict):
+        fail(f"{path} holds a {type(d).__name__}, not a CIFAR-10 batch dict: replace it with one from the release")
+    d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}  # b"data" too
+    for key in ("data", "labels"):
+        if key not in d:
+            fail(f"{path} has no {key!r} entry: not a CIFAR-10 python batch; replace it with one from the release")
+    x = d["data"]
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
+        what = f"a {x.dtype} array of shape {x.shape}" if isinstance(x, np.ndarray) else f"a {type(x).__name__}"
+        fail(f"{path}: `data` is {what}, expected uint8 N x 3072 (32x32 RGB planes); replace it with one from the release")
+    try:
+        y = np.asarray(d["labels"])
+    except ValueError:  # ragged
+        y = np.asarray(None)
+    if y.dtype.kind not in "iu" or y.shape != (len(x),):
+        fail(f"{path}: `labels` should be {len(x)} integers, one per image, got {y.dtype} of shape "
+             f"{y.shape}; replace it with one from the release")
+    if len(y) and (y.min() < 0 or y.max() > 9):
+        fail(f"{path}: labels span {y.min()}..{y.max()}, expected 0..9; replace it with one from the release")
+    return x.reshape(-1, 3, 32, 32), y.astype(np.int64)
+
+
+def _npz_member(f, key):
+    """One array of an npz batch, with a one-line error for a file that is not one."""
+    import zipfile
+    try:
+        with np.load(f) as d:
+            return d[key]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        fail(f"{f} is not a downsampled-ImageNet npz batch with `data` and `labels` "
+             f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
 
 
 def _load_imagenet64(data_dir, train):
@@ -659,28 +839,24 @@ def _load_imagenet64(data_dir, train):
     data_dir/{train,val}/<class>/<image>, box-downsampled to 64x64 where larger.
     """
     import glob
+    split = "train" if train else "val"
     pattern = "train_data_batch_*.npz" if train else "val_data*.npz"
     files = glob.glob(os.path.join(data_dir, pattern)) + glob.glob(os.path.join(data_dir, "*", pattern))
     files.sort(key=lambda f: (len(os.path.basename(f)), os.path.basename(f)))  # batch_2 before _10
     if files:
-        # npz members load lazily: count the labels first, then fill one preallocated array, so
-        # peak memory is the dataset (15.7 GB for the full train set), not twice that
-        counts = [len(np.load(f)["labels"]) for f in files]
-        x, y = np.empty((sum(counts), 3, 64, 64), np.uint8), np.empty(sum(counts), np.int64)
-        i = 0
-        for f, n in zip(files, counts):
-            with np.load(f) as d:
-                if d["data"].shape != (n, 3 * 64 * 64):
-                    fail(f"{f}: `data` has shape {d['data'].shape}, expected ({n}, 12288): "
+        def chunks():  # one batch file at a time: peak memory is one file, not the data set
+            for f in files:
+                x, y = _npz_member(f, "data"), np.asarray(_npz_member(f, "labels"))
+                if x.ndim != 2 or x.shape != (len(y), 3 * 64 * 64) or x.dtype != np.uint8:
+                    fail(f"{f}: `data` is {x.dtype} of shape {x.shape}, expected uint8 ({len(y)}, 12288): "
                          f"use the 64x64 downsampled-ImageNet npz batches")
-                x[i:i + n] = d["data"].reshape(n, 3, 64, 64)
-                y[i:i + n] = d["labels"]
-            i += n
-        if y.min() < 1 or y.max() > 1000:
-            fail(f"imagenet64 labels under {data_dir!r} span {y.min()}..{y.max()}, expected 1..1000 "
-                 f"as in the downsampled-ImageNet release")
-        return torch.from_numpy(x), torch.from_numpy(y - 1)  # labels 1..1000 -> 0..999
-    folder = os.path.join(data_dir, "train" if train else "val")
+                if len(y) and (y.min() < 1 or y.max() > 1000):
+                    fail(f"{f}: labels span {y.min()}..{y.max()}, expected 1..1000 as in the "
+                         f"downsampled-ImageNet release")
+                yield x.reshape(-1, 3, 64, 64), y - 1  # labels 1..1000 -> 0..999
+        return _cached_arrays(data_dir, f"imagenet64-{split}", files, (3, 64, 64),
+                              lambda: sum(len(_npz_member(f, "labels")) for f in files), chunks)
+    folder = os.path.join(data_dir, split)
     if not os.path.isdir(folder):
         fail(f"imagenet64 not found under --data-dir {data_dir!r}: put the downsampled-ImageNet "
              f"64x64 npz batches ({pattern}) or an ImageFolder ({folder}/<class>/*.png) there")
@@ -693,11 +869,17 @@ def _load_imagenet64(data_dir, train):
              f"expected {folder}/<class>/*.png")
     if len(ds.classes) > DATASETS["imagenet64"][2]:
         fail(f"ImageFolder {folder!r} has {len(ds.classes)} classes; imagenet64 models have at most 1000")
-    x = np.empty((len(ds), 64, 64, 3), np.uint8)
-    for i, (path, _) in enumerate(ds.samples):
-        im = ds.loader(path)  # PIL, converted to RGB
-        x[i] = np.asarray(im if im.size == (64, 64) else im.resize((64, 64), Image.BOX))
-    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(ds.targets).long()
+
+    def chunks():
+        for path, label in ds.samples:
+            try:
+                im = ds.loader(path)  # PIL, converted to RGB
+            except OSError as e:  # not an image, truncated
+                fail(f"{path}: cannot read the image ({type(e).__name__}); remove or replace it")
+            hwc = np.asarray(im if im.size == (64, 64) else im.resize((64, 64), Image.BOX))
+            yield hwc.transpose(2, 0, 1)[None], np.array([label])
+    return _cached_arrays(data_dir, f"imagenet64-{split}-folder", [p for p, _ in ds.samples],
+                          (3, 64, 64), lambda: len(ds.samples), chunks)
 
 
 def to_float(x_uint8):
@@ -823,14 +1005,102 @@ def cat_states(*parts):
 # checkpoints: atomic writes, weights_only loads, one-line shape errors
 # ----------------------------------------------------------------------------------------------
 
+def check_out_dir(out):
+    """Create --out, or stop with one line when it names a file or cannot be created (call it
+    before anything is written there)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--out {out!r} is a file, not a directory: pick another --out")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:  # a parent is a file, no permission, read-only filesystem
+        fail(f"cannot create --out {out!r} ({e.strerror or e}): pick another --out")
+    if not os.access(out, os.W_OK | os.X_OK):
+        fail(f"--out {out!r} is not writable: pick another --out")
+
+
+def _atomic_write(path, write, what):
+    """write(fh) to a temporary file beside path, fsync, os.replace: a crash, a full disk or a
+    lost permission never leaves a half-written file, and the previous one stays. An OSError
+    removes the temporary file and stops with one line."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "wb") as fh:  # a file object, not a path: torch.save then raises OSError
+            write(fh)                # on a full disk, not a RuntimeError without an errno
+            fh.flush()
+            os.fsync(fh.fileno())  # NFS and delayed allocation report a full disk only here
+        os.replace(tmp, path)
+    except OSError as e:
+        kept = f"; the previous {what} is kept" if os.path.isfile(path) else ""
+        fail(f"could not write {what} {path} ({e.strerror or e}): free space or pick another --out{kept}")
+    finally:
+        try:
+            os.remove(tmp)
+        except OSError:  # already replaced, or never created
+            pass
+
+
+_SAVED_STEPS = {}  # abspath -> the step this process last wrote there (no need to read it back)
+
+
 def save_checkpoint(path, state):
-    """Write to a temporary file, then os.replace: a crash never leaves a half-written ckpt."""
+    """Write atomically (_atomic_write), and never a diverged state: a NaN or inf in any floating
+    tensor stops with one line that names it and the last good checkpoint, which stays."""
     if not is_main():
         return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    bad = nonfinite_key(state)
+    if bad is not None:
+        step = state.get("step") if isinstance(state, dict) else None
+        at = f" at step {step}" if step is not None else ""
+        resume = " (it resumes from there)" if os.path.isfile(path) else ""
+        fail(f"not writing {path}: {bad} holds NaN or inf{at}; {last_checkpoint(path)}: "
+             f"lower --lr and rerun{resume}")
+    _atomic_write(path, lambda fh: torch.save(state, fh), "checkpoint")
+    if isinstance(state, dict) and "step" in state:
+        _SAVED_STEPS[os.path.abspath(path)] = state["step"]
+
+
+def last_checkpoint(path):
+    """'the last checkpoint is PATH (step N)' or 'no checkpoint was written yet': the piece of a
+    one-line error that tells a diverged run where a rerun resumes from."""
+    if not os.path.isfile(path):
+        return "no checkpoint was written yet"
+    step = _SAVED_STEPS.get(os.path.abspath(path))
+    if step is None:
+        try:  # mmap: the tensors are not read, only the pickle around them
+            step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")
+        except Exception:
+            return f"the last checkpoint is {path} (unreadable)"
+    return f"the last checkpoint is {path}" + (f" (step {step})" if step is not None else "")
+
+
+def nonfinite_key(obj, key=""):
+    """The key path ('opt.state.3.exp_avg') of the first floating tensor in obj, through dicts,
+    lists and tuples, that holds a NaN or inf; None when all are finite. A MixingBuffer state
+    (a dict with `size` and `ptr`) is checked in its first `size` rows only: the rest was never
+    written (new_empty) and may hold any bits."""
+    if torch.is_tensor(obj):
+        if obj.is_floating_point() and obj.numel():
+            # one reduction, no full-size temporary: a NaN or inf makes the sum non-finite; a
+            # non-finite sum of finite values (overflow) is confirmed element-wise
+            s = obj.detach().sum(dtype=torch.float32)
+            if not torch.isfinite(s) and not torch.isfinite(obj.detach()).all():
+                return key or "the state"
+        return None
+    if isinstance(obj, dict):
+        rows = obj["size"] if "ptr" in obj and isinstance(obj.get("size"), int) else None
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        rows, items = None, enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        if rows is not None and torch.is_tensor(v) and v.dim():
+            v = v[:rows]
+        bad = nonfinite_key(v, f"{key}.{k}" if key else str(k))
+        if bad is not None:
+            return bad
+    return None
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -870,10 +1140,16 @@ class Logger:
             from tqdm import tqdm
             os.makedirs(out, exist_ok=True)
             if os.path.isfile(self.path):  # resuming: drop records past the checkpoint's step
+                keep = []
                 with open(self.path) as fh:
-                    keep = [ln for ln in fh if json.loads(ln).get("step", 0) <= initial]
-                with open(self.path, "w") as fh:
-                    fh.writelines(keep)
+                    for ln in fh:
+                        try:
+                            rec = json.loads(ln)
+                        except ValueError:  # a line cut short by a crash or a full disk
+                            continue
+                        if isinstance(rec, dict) and rec.get("step", 0) <= initial:
+                            keep.append(ln.rstrip("\n") + "\n")
+                _atomic_write(self.path, lambda fh: fh.write("".join(keep).encode()), "log")
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
                             disable=None, mininterval=1.0)
 
@@ -881,8 +1157,11 @@ class Logger:
         if not self.main:
             return
         rec = {"step": step, "time": round(time.time() - self.t0, 3), **metrics}
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(rec) + "\n")
+        try:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        except OSError as e:
+            fail(f"could not write the log {self.path} ({e.strerror or e}): free space or pick another --out")
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float)})
 
     def update(self, n=1):
@@ -895,21 +1174,21 @@ class Logger:
 
 
 def save_grid(x, path, nrow=None):
-    """Save images in [-1, 1] as one PNG grid."""
+    """Save images in [-1, 1] as one PNG grid (atomically, see _atomic_write)."""
     import torchvision
     if not is_main():
         return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     x = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2)
     if x.shape[-1] < 32:  # small images (digits 8x8): upscale so the grid can be looked at
         x = F.interpolate(x, scale_factor=32 // x.shape[-1], mode="nearest")
-    torchvision.utils.save_image(x, path, nrow=nrow or int(math.ceil(math.sqrt(len(x)))), padding=2)
+    nrow = nrow or int(math.ceil(math.sqrt(len(x))))
+    _atomic_write(path, lambda fh: torchvision.utils.save_image(x, fh, format="png", nrow=nrow, padding=2),
+                  "image")
 
 
 def write_json(obj, path):
     if is_main():
-        with open(path, "w") as fh:
-            json.dump(obj, fh, indent=2)
+        _atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=2).encode()), "file")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -248,3 +248,269 @@ def test_batches_smaller_than_global_batch():
     data = make(5)
     got = [ids(C.Batches(data, 4, seed=0, rank=r, world=2).get(0)) for r in range(2)]
     assert all(len(g) == 4 for g in got) and set(got[0] + got[1]) == set(range(5))
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-10 pickles are read as data: a restricted unpickler, one line for a bad file
+# ----------------------------------------------------------------------------------------------
+
+class Py2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2's cPickle wrote str (BINSTRING), as in the real CIFAR-10 release,
+    instead of Python 3's protocol-2 _codecs.encode(..., 'latin1')."""
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_str(self, obj):
+        self.write(pickle.BINSTRING + len(obj).to_bytes(4, "little") + obj)
+        self.memoize(obj)
+    dispatch[bytes] = save_py2_str
+
+
+def py2_batch(path, img, labels):
+    """A batch as the release has it: Python 2 str keys and array bytes, numpy.core.multiarray."""
+    import io
+    buf = io.BytesIO()
+    Py2Pickler(buf, protocol=2).dump({b"batch_label": b"training batch 1 of 5", b"labels": labels,
+                                      b"data": flat_planes(img), b"filenames": [b"a.png"] * len(labels)})
+    raw = buf.getvalue()
+    for mod in (b"numpy._core.multiarray", b"numpy.core.multiarray"):  # numpy 2 or 1 wrote it
+        raw = raw.replace(b"c" + mod + b"\n_reconstruct\n", b"cnumpy.core.multiarray\n_reconstruct\n")
+    assert b"numpy.core.multiarray" in raw and b"_codecs" not in raw and pickle.BINSTRING in raw
+    with open(path, "wb") as fh:
+        fh.write(raw)
+
+
+def test_cifar10_release_format_variants(tmp_path):
+    """Python 2's pickles (the release), Python 3 ones with bytes keys, protocol 5: same images."""
+    (train_x, train_y), _ = write_cifar10(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    img1 = train_x[:6]
+    py2_batch(folder / "data_batch_1", img1, train_y[:6])
+    with open(folder / "data_batch_2", "rb") as fh:
+        d = pickle.load(fh)
+    with open(folder / "data_batch_2", "wb") as fh:
+        pickle.dump({k.encode(): v for k, v in d.items()}, fh, protocol=2)  # b"data", b"labels"
+    with open(folder / "data_batch_3", "rb") as fh:
+        d = pickle.load(fh)
+    with open(folder / "data_batch_3", "wb") as fh:
+        pickle.dump(d, fh, protocol=5)  # numpy._core.numeric._frombuffer
+    x, y = C.load_dataset("cifar10", str(tmp_path))
+    assert torch.equal(x, torch.from_numpy(train_x)) and y.tolist() == train_y
+
+
+class Hostile:
+    def __init__(self, call, arg):
+        self.call, self.arg = call, arg
+
+    def __reduce__(self):
+        return self.call, (self.arg,)
+
+
+@pytest.mark.parametrize("where", ["whole", "data", "label"])
+@pytest.mark.parametrize("call", ["os.system", "builtins.eval"])
+def test_cifar10_hostile_pickle_is_refused(tmp_path, where, call):
+    write_cifar10(tmp_path)
+    sentinel = tmp_path / "SENTINEL"
+    fn = os.system if call == "os.system" else eval
+    arg = f"touch {sentinel}" if call == "os.system" else f"open({str(sentinel)!r}, 'w').close()"
+    entry = {"batch_label": "b", "labels": [0, 1], "data": np.zeros((2, 3072), np.uint8), "filenames": []}
+    if where == "whole":
+        entry = Hostile(fn, arg)
+    elif where == "data":
+        entry["data"] = Hostile(fn, arg)
+    else:
+        entry["labels"] = [0, Hostile(fn, arg)]  # after numpy's allowed globals
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    with open(path, "wb") as fh:
+        pickle.dump(entry, fh, protocol=2)
+    with pytest.raises(SystemExit) as e:
+        C.load_dataset("cifar10", str(tmp_path))
+    msg = str(e.value)
+    assert not sentinel.exists()
+    assert "\n" not in msg and str(path) in msg and "refusing" in msg
+    assert ("posix.system" in msg or "os.system" in msg) if call == "os.system" else "builtin__.eval" in msg
+
+
+def bad_batches():
+    ok = {"batch_label": "b", "labels": [1, 2], "data": np.zeros((2, 3072), np.uint8), "filenames": ["a", "b"]}
+    cases = {
+        "not a dict": [ok["data"], ok["labels"]],
+        "no data": {k: v for k, v in ok.items() if k != "data"},
+        "no labels": {k: v for k, v in ok.items() if k != "labels"},
+        "data not N x 3072": {**ok, "data": np.zeros((2, 3000), np.uint8)},
+        "data 1-d": {**ok, "data": np.zeros(2 * 3072, np.uint8)},
+        "data float": {**ok, "data": np.zeros((2, 3072), np.float32)},
+        "data a list": {**ok, "data": [[0] * 3072] * 2},
+        "label count": {**ok, "labels": [1, 2, 3]},
+        "label 10": {**ok, "labels": [1, 10]},
+        "label -1": {**ok, "labels": [-1, 2]},
+        "label strings": {**ok, "labels": ["cat", "dog"]},
+    }
+    return cases
+
+
+@pytest.mark.parametrize("case", list(bad_batches()) + ["truncated", "not a pickle", "empty"])
+def test_cifar10_malformed_batch_is_one_line(tmp_path, case):
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    if case == "truncated":
+        path.write_bytes(path.read_bytes()[:5000])
+    elif case == "not a pickle":
+        path.write_text("this is a README, not a batch\n")
+    elif case == "empty":
+        path.write_bytes(b"")
+    else:
+        with open(path, "wb") as fh:
+            pickle.dump(bad_batches()[case], fh, protocol=2)
+    with pytest.raises(SystemExit) as e:
+        C.load_dataset("cifar10", str(tmp_path))
+    msg = str(e.value)
+    assert msg.startswith("error:") and "\n" not in msg and str(path) in msg, msg
+    assert not list(tmp_path.glob("*.tmp*")) and not [p for p in tmp_path.glob("cifar10-*") if p.suffix != ".lock"]
+
+
+def test_cifar10_malformed_exits_without_traceback(tmp_path):
+    """As a user sees it: a non-zero exit, one line on stderr, no traceback."""
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    path.write_bytes(path.read_bytes()[:-100])
+    r = subprocess.run([sys.executable, "-c", f"import common; common.load_dataset('cifar10', {str(tmp_path)!r})"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and str(path) in lines[0], r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# the one-time .npy conversion: memory-mapped, shared by ranks, rebuilt when the sources change
+# ----------------------------------------------------------------------------------------------
+
+def mapped_file(t):
+    """The file a tensor's memory lies in, from /proc/self/maps (None: anonymous memory)."""
+    ptr = t.untyped_storage().data_ptr()
+    with open("/proc/self/maps") as fh:
+        for ln in fh:
+            parts = ln.split()
+            lo, hi = (int(v, 16) for v in parts[0].split("-"))
+            if lo <= ptr < hi:
+                return parts[5] if len(parts) > 5 else None
+
+
+def cache_files(root, name):
+    return [os.path.join(root, name + s) for s in ("-uint8.npy", "-labels.npy", ".json")]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="Linux /proc")
+def test_imagenet64_cache_is_memory_mapped_and_reused(tmp_path):
+    img, lab = write_imagenet64_npz(tmp_path, (3, 2))
+    x, y = C.load_dataset("imagenet64", str(tmp_path))
+    xp, yp, jp = cache_files(tmp_path, "imagenet64-train")
+    assert all(map(os.path.isfile, (xp, yp, jp))) and not list(tmp_path.glob("*.tmp*"))
+    assert mapped_file(x) == xp and mapped_file(y) == yp  # file-backed: ranks share the pages
+    assert torch.equal(x, torch.from_numpy(img)) and y.tolist() == [v - 1 for v in lab]
+    assert np.load(xp).shape == (5, 3, 64, 64)
+    before = [os.stat(p).st_mtime_ns for p in (xp, yp, jp)]
+    x2, y2 = C.load_dataset("imagenet64", str(tmp_path))  # fresh: opened, not converted again
+    assert [os.stat(p).st_mtime_ns for p in (xp, yp, jp)] == before
+    assert torch.equal(x2, x) and torch.equal(y2, y)
+    x2[0, 0, 0, 0] = 1 + x2[0, 0, 0, 0]  # copy-on-write: the file (and other ranks) keep theirs
+    assert torch.equal(C.load_dataset("imagenet64", str(tmp_path))[0][0], torch.from_numpy(img[0]))
+    batch, _ = C.Batches((x, y), 4, seed=0).get(0)  # the sampler reads the map as before
+    assert batch.shape == (4, 3, 64, 64) and batch.dtype == torch.float32
+
+
+def test_imagenet64_cache_rebuilds_when_sources_change(tmp_path):
+    write_imagenet64_npz(tmp_path, (3, 2))
+    x, _ = C.load_dataset("imagenet64", str(tmp_path))
+    new = pattern(4, 3, 64, seed=77)  # batch 2 replaced: other images, another count
+    np.savez(tmp_path / "train_data_batch_2.npz", data=flat_planes(new), labels=[5, 6, 7, 8])
+    x2, y2 = C.load_dataset("imagenet64", str(tmp_path))
+    assert x2.shape == (7, 3, 64, 64) and torch.equal(x2[3:], torch.from_numpy(new))
+    assert torch.equal(x2[:3], x[:3]) and y2[3:].tolist() == [4, 5, 6, 7]
+    os.utime(tmp_path / "train_data_batch_1.npz", ns=(1, 1))  # same bytes, other mtime: rebuilt
+    mtime = os.stat(cache_files(tmp_path, "imagenet64-train")[0]).st_mtime_ns
+    C.load_dataset("imagenet64", str(tmp_path))
+    assert os.stat(cache_files(tmp_path, "imagenet64-train")[0]).st_mtime_ns != mtime
+    xp = cache_files(tmp_path, "imagenet64-train")[0]
+    with open(xp, "r+b") as fh:  # a cache cut short (not by us): its size no longer matches
+        fh.truncate(1000)
+    assert torch.equal(C.load_dataset("imagenet64", str(tmp_path))[0], x2)
+
+
+def test_image_folder_cache_rebuilds_when_an_image_is_added(tmp_path):
+    from PIL import Image
+    write_image_folder(tmp_path)
+    x, _ = C.load_dataset("imagenet64", str(tmp_path))
+    assert mapped_file(x) == cache_files(tmp_path, "imagenet64-train-folder")[0]
+    hwc = pattern(1, 3, 64, seed=42)[0].transpose(1, 2, 0)
+    Image.fromarray(np.ascontiguousarray(hwc)).save(tmp_path / "train" / "n01443537" / "9.png")
+    x2, y2 = C.load_dataset("imagenet64", str(tmp_path))
+    assert x2.shape == (5, 3, 64, 64) and torch.equal(x2[4], torch.from_numpy(hwc).permute(2, 0, 1))
+    assert y2.tolist() == [0, 0, 1, 1, 1]
+
+
+def test_cifar10_cache(tmp_path):
+    (train_x, _), _ = write_cifar10(tmp_path)
+    x, _ = C.load_dataset("cifar10", str(tmp_path))
+    assert mapped_file(x) == cache_files(tmp_path, "cifar10-train")[0]
+    assert torch.equal(x, torch.from_numpy(train_x))
+
+
+def test_cache_not_writable_loads_into_memory(tmp_path, monkeypatch, capsys):
+    """A full disk or read-only --data-dir: a note, the data in memory, no temporary file left."""
+    import errno
+    img, _ = write_imagenet64_npz(tmp_path, (3, 2))
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", full)
+    x, _ = C.load_dataset("imagenet64", str(tmp_path))
+    assert torch.equal(x, torch.from_numpy(img)) and mapped_file(x) != cache_files(tmp_path, "imagenet64-train")[0]
+    assert "No space left on device" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imagenet64-train.lock", "train_data_batch_1.npz",
+                                                           "train_data_batch_2.npz", "val_data.npz"]
+
+
+def test_a_conversion_in_progress_is_waited_for(tmp_path):
+    """Another process converting (it holds <name>.lock): a loader waits, then opens its cache
+    rather than converting beside it. No collective: rank 0 alone also calls load_dataset."""
+    import fcntl
+    import threading
+    img, _ = write_imagenet64_npz(tmp_path, (3, 2))
+    xp = cache_files(tmp_path, "imagenet64-train")[0]
+    lock = open(tmp_path / "imagenet64-train.lock", "a")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # a second open file: its flock conflicts even in-process
+    got = []
+    t = threading.Thread(target=lambda: got.append(C.load_dataset("imagenet64", str(tmp_path))))
+    t.start()
+    t.join(1.0)
+    assert t.is_alive() and not os.path.exists(xp)  # waiting, not converting
+    lock.close()  # the other process is done (here: it converted nothing, so this one does)
+    t.join(30)
+    assert not t.is_alive() and torch.equal(got[0][0], torch.from_numpy(img)) and mapped_file(got[0][0]) == xp
+
+
+def test_two_processes_at_once_convert_once(tmp_path):
+    img, lab = write_imagenet64_npz(tmp_path, (3, 2))
+    code = ("import common, sys; x, y = common.load_dataset('imagenet64', sys.argv[1]); "
+            "print('sum', int(x.sum()), int(y.sum()))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    lines = [o.strip().splitlines() for o, _ in outs]
+    assert sum("converted" in ln for ls in lines for ln in ls) == 1, outs
+    assert lines[0][-1] == lines[1][-1] == f"sum {int(img.sum(dtype=np.int64))} {sum(lab) - len(lab)}"
+
+
+def test_imagenet64_npz_not_an_npz_is_one_line(tmp_path):
+    write_imagenet64_npz(tmp_path, (3, 2))
+    (tmp_path / "train_data_batch_2.npz").write_bytes(b"not a zip")
+    with pytest.raises(SystemExit) as e:
+        C.load_dataset("imagenet64", str(tmp_path))
+    assert "\n" not in str(e.value) and "train_data_batch_2.npz" in str(e.value)
+    np.savez(tmp_path / "train_data_batch_2.npz", data=np.zeros((2, 12288), np.uint8))  # no labels
+    with pytest.raises(SystemExit, match="train_data_batch_2.npz.*labels"):
+        C.load_dataset("imagenet64", str(tmp_path))
+    for k in (1, 2):  # batches with no images
+        np.savez(tmp_path / f"train_data_batch_{k}.npz", data=np.zeros((0, 12288), np.uint8), labels=[])
+    with pytest.raises(SystemExit, match="hold no images"):
+        C.load_dataset("imagenet64", str(tmp_path))
