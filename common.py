@@ -1043,21 +1043,50 @@ def _atomic_write(path, write, what):
 _SAVED_STEPS = {}  # abspath -> the step this process last wrote there (no need to read it back)
 
 
-def save_checkpoint(path, state):
+def save_checkpoint(path, state, per_rank=()):
     """Write atomically (_atomic_write), and never a diverged state: a NaN or inf in any floating
-    tensor stops with one line that names it and the last good checkpoint, which stays."""
-    if not is_main():
-        return
-    bad = nonfinite_key(state)
+    tensor, on any rank, stops every rank with one line that names it and the last good
+    checkpoint, which stays.
+
+    per_rank: the keys of state that each rank holds for itself (its replay buffers). Rank 0's go
+    into the checkpoint; rank r's into PATH.rank<r>.step<N> beside it, written before the
+    checkpoint that vouches for them, so a resumed torchrun run gives every rank its own state
+    back (load_checkpoint). Older sidecars are removed once the new checkpoint is in place."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    step = state.get("step") if isinstance(state, dict) else None
+    mine = state if rank == 0 else {"step": step, **{k: state[k] for k in per_rank}}
+    bad = nonfinite_key(mine)
+    if world > 1:  # every rank stops, or none does
+        found = [None] * world
+        dist.all_gather_object(found, bad)
+        bad = next((f"rank {r}'s {b}" for r, b in enumerate(found) if b is not None), None)
     if bad is not None:
-        step = state.get("step") if isinstance(state, dict) else None
         at = f" at step {step}" if step is not None else ""
         resume = " (it resumes from there)" if os.path.isfile(path) else ""
         fail(f"not writing {path}: {bad} holds NaN or inf{at}; {last_checkpoint(path)}: "
              f"lower --lr and rerun{resume}")
-    _atomic_write(path, lambda fh: torch.save(state, fh), "checkpoint")
-    if isinstance(state, dict) and "step" in state:
-        _SAVED_STEPS[os.path.abspath(path)] = state["step"]
+    if rank > 0 and per_rank:
+        _atomic_write(f"{path}.rank{rank}.step{step}", lambda fh: torch.save(mine, fh), "checkpoint")
+    barrier()
+    if rank == 0:
+        _atomic_write(path, lambda fh: torch.save(state, fh), "checkpoint")
+        if step is not None:
+            _SAVED_STEPS[os.path.abspath(path)] = step
+    barrier()
+    if rank > 0 and per_rank:  # the checkpoint now vouches for this step's sidecar only
+        import glob
+        for old in glob.glob(glob.escape(f"{path}.rank{rank}.step") + "*"):
+            if old != f"{path}.rank{rank}.step{step}":
+                os.remove(old)
+
+
+def check_finite_loss(losses, step, ckpt_path):
+    """Stop with one line when a logged loss {name: value} is NaN or inf, naming the checkpoint
+    that a rerun resumes from (save_checkpoint never writes a non-finite state)."""
+    bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+    if bad:
+        fail(f"{', '.join(f'{k} is {v}' for k, v in bad.items())} at step {step}; "
+             f"{last_checkpoint(ckpt_path)}: lower --lr and rerun (it resumes)")
 
 
 def last_checkpoint(path):
@@ -1103,7 +1132,25 @@ def nonfinite_key(obj, key=""):
     return None
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", per_rank=()):
+    """torch.load(weights_only=True) with one-line errors. per_rank: the keys that this rank
+    saved for itself (save_checkpoint); rank r > 0 gets its own from PATH.rank<r>.step<N>, or,
+    where there is none (a run resumed on more ranks), empty ones with a note (they refill)."""
+    ck = _load(path, map_location)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank > 0 and per_rank:
+        own = f"{path}.rank{rank}.step{ck.get('step')}"
+        if os.path.isfile(own):
+            ck.update({k: v for k, v in _load(own, map_location).items() if k in per_rank})
+        else:
+            print(f"note: rank {rank} has no saved {', '.join(per_rank)} for step {ck.get('step')} "
+                  f"(a run resumed on more ranks?): starting them empty", flush=True)
+            for k in per_rank:
+                ck.pop(k, None)
+    return ck
+
+
+def _load(path, map_location):
     if not os.path.isfile(path):
         fail(f"checkpoint {path!r} not found")
     try:

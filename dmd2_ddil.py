@@ -35,9 +35,13 @@ Choices and deviations (DMD2 code: tianweiy/DMD2):
 - The 1/2 ||.||^2 is a mean over elements as in DMD2's code, so the published GAN weights apply.
 - The GAN noise level is drawn like the DM one, t ~ U[0.02, 0.98]; the real images are the step's
   data batch, which also feeds the data source of the mixture.
-- Backward-simulation states go through the same buffer as DDIL's (staleness <= ceil(buffer_size /
-  (refresh K)) iterations) instead of fresh rollouts per batch, so baseline and DDIL differ only in
-  the betas and the bound.
+- Backward-simulation states go through a replay buffer like DDIL's other rollouts, so baseline
+  and DDIL differ only in the betas and the bound. DMD2 simulates fresh from the current G; here
+  the buffer of G's own states holds refresh x K x fake_updates x --sim-staleness states, so none
+  is more than --sim-staleness G updates old (default 1: states from the G of the previous update
+  at most; G does not move between its updates). That costs nothing: the same --refresh
+  trajectories per iteration are simulated whatever the capacity. (When the capacity is below the
+  batch's share of own states, every batch tops it up with fresh trajectories.)
 - Covariate-shift diagnostic: G's imitation error at a state x_t is the per-sample MSE between
   G's sample and the teacher's DDIM sample from the same x_t (teacher_substeps steps per student
   step down to 0): G is trained to sample, so the teacher's *sample* from that state, not its
@@ -51,7 +55,6 @@ Choices and deviations (DMD2 code: tianweiy/DMD2):
     python dmd2_ddil.py --cond --guidance 2    # the guided, class-conditional digits lab
 """
 import copy
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -88,6 +91,7 @@ class Config:
     bound: str = "reflect"         # training: G's samples and the rollouts
     sample_bound: str = "clip"     # evaluation samples (published samplers clip)
     buffer_size: int = 256         # states per rollout source
+    sim_staleness: int = 1         # G's own states are at most this many G updates old (on-policy)
     refresh: int = 4               # fresh trajectories per source per iteration
     teacher_substeps: int = 8      # teacher DDIM steps per student step (rollouts, diagnostic labels)
     fake_updates: int = 5          # G steps once per this many F steps (two time-scale rule)
@@ -272,12 +276,13 @@ def main(argv=None):
     cfg.out = cfg.out or os.path.join("runs", f"dmd2_ddil-{cfg.dataset}{'-cond' if cfg.cond else ''}")
     C.check_positive(cfg, "iters", "batch_size", "log_every", "ckpt_every", "steps", "buffer_size",
                      "refresh", "teacher_substeps", "fake_updates", "eval_samples",
-                     "shift_samples")
+                     "shift_samples", "sim_staleness")
     if cfg.gan_weight < 0 or cfg.disc_weight < 0 or cfg.guidance < 0:
         C.fail("--gan-weight, --disc-weight and --guidance must be >= 0")
     if not 0.0 <= cfg.t_min < cfg.t_max <= 1.0:
         C.fail(f"need 0 <= --t-min < --t-max <= 1, got {cfg.t_min}, {cfg.t_max}")
     betas = C.check_ddil(cfg)
+    C.check_out_dir(cfg.out)  # --out naming a file: one line, before any work
     rank, world, device = C.init_dist(cfg.device)
     data = C.load_dataset(cfg.dataset, cfg.data_dir)
     T, _ = C.load_teacher(cfg.teacher, cfg.dataset, device, cfg.cond)
@@ -292,17 +297,21 @@ def main(argv=None):
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr)
     opt_f = torch.optim.Adam(list(fake.parameters()) + list(head.parameters()), lr=cfg.lr)
     taus = C.time_grid(K)[:-1]
-    buffers = {"teacher": C.MixingBuffer(cfg.buffer_size), "student": C.MixingBuffer(cfg.buffer_size)}
+    # DMD2 simulates G's inputs from the current G; a ring of refresh x K x fake_updates x
+    # sim_staleness states holds none older than sim_staleness G updates (G only moves every
+    # fake_updates iterations), at no extra cost: the refresh per iteration is the same
+    sim_capacity = min(cfg.buffer_size, cfg.refresh * K * cfg.fake_updates * cfg.sim_staleness)
+    buffers = {"teacher": C.MixingBuffer(cfg.buffer_size), "student": C.MixingBuffer(sim_capacity)}
     ckpt_path, step, train_time = os.path.join(cfg.out, "ckpt.pt"), 0, 0.0
     if os.path.isfile(ckpt_path):
-        ck = C.load_checkpoint(ckpt_path, map_location=device)
+        ck = C.load_checkpoint(ckpt_path, map_location=device, per_rank=("buffers",))
         if ck.get("model_config") != G.config or ck.get("steps") != K:
             C.fail(f"{ckpt_path} holds a generator of another shape or K ({ck.get('model_config')}, "
                    f"K={ck.get('steps')}); use a fresh --out or the same --dataset/--steps")
         C.load_weights(G, ck["net"], "generator"), C.load_weights(fake, ck["fake"], "fake score")
         C.load_weights(head, ck["head"], "GAN head")
         opt_g.load_state_dict(ck["opt_g"]), opt_f.load_state_dict(ck["opt_f"])
-        for name, sd in ck["buffers"].items():
+        for name, sd in ck.get("buffers", {}).items():
             buffers[name].load_state_dict(sd)
         step, train_time = ck["step"], ck["train_time_s"]
         if C.is_main():
@@ -358,9 +367,7 @@ def main(argv=None):
         train_time += time.time() - t0
         log.update()
         if step % cfg.log_every == 0 or step == cfg.iters:
-            if not all(math.isfinite(v) for v in rec.values()):
-                C.fail(f"a loss is not finite at step {step} ({rec}); the last good checkpoint is "
-                       f"{ckpt_path}; lower --lr and rerun (it resumes)")
+            C.check_finite_loss(rec, step, ckpt_path)
             log.log(step, train_s=round(train_time, 3), **rec)
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iters):
             log.log(step, train_s=round(train_time, 3),
@@ -371,7 +378,7 @@ def main(argv=None):
                 "w": cfg.guidance, "config": asdict(cfg), "fake": fake.state_dict(),
                 "head": head.state_dict(), "opt_g": opt_g.state_dict(), "opt_f": opt_f.state_dict(),
                 "step": step, "buffers": {k: b.state_dict() for k, b in buffers.items()},
-                "train_time_s": train_time})
+                "train_time_s": train_time}, per_rank=("buffers",))
     log.close()
 
     # final evaluation: G at 1 and K steps; the guided teacher at the same K and at 64
@@ -383,13 +390,13 @@ def main(argv=None):
             label = teacher_sample_from(T, x_t, t, K, cfg.teacher_substeps, cfg.bound, y, cfg.guidance)
             return (g - label).pow(2).mean(dim=(1, 2, 3))
     ks = sorted({1, K})
-    result = E.final_evaluation(cfg.out, G, "renoise", ks, T, sorted({1, K, 64}), cfg.eval_samples,
+    E.final_evaluation(cfg.out, G, "renoise", ks, T, sorted({1, K, 64}), cfg.eval_samples,
                                 imitation_error, cfg.shift_samples, w_student=0.0, extra={
                                     "it_per_s": step / max(train_time, 1e-9),
                                     "train_time_s": train_time, "config": asdict(cfg)},
                                 **{**ev, "w": cfg.guidance})
     C.barrier()
-    return result
+    return G
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ iterations (cheaper on CPU than a few trajectories every iteration).
     torchrun --nproc_per_node=8 lcm_ddil.py --dataset cifar10
 """
 import copy
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -243,6 +242,7 @@ def main(argv=None):
     cfg = C.parse_config(Config, argv, PRESETS)
     cfg.out = cfg.out or os.path.join("runs", f"lcm_ddil-{cfg.dataset}{'-cond' if cfg.cond else ''}")
     betas = check(cfg)
+    C.check_out_dir(cfg.out)  # --out naming a file: one line, before any work
     rank, world, device = C.init_dist(cfg.device)
     data = C.load_dataset(cfg.dataset, cfg.data_dir)
     teacher, _ = C.load_teacher(cfg.teacher, cfg.dataset, device, cfg.cond)
@@ -257,7 +257,7 @@ def main(argv=None):
     buffers = {"teacher": C.MixingBuffer(cfg.buffer_size), "student": C.MixingBuffer(cfg.buffer_size)}
     ckpt_path, step, train_time = os.path.join(cfg.out, "ckpt.pt"), 0, 0.0
     if os.path.isfile(ckpt_path):
-        ck = C.load_checkpoint(ckpt_path, map_location=device)
+        ck = C.load_checkpoint(ckpt_path, map_location=device, per_rank=("buffers",))
         if ck.get("model_config") != student.config:
             C.fail(f"{ckpt_path} holds a model of another shape; use a fresh --out or the same "
                    f"--dataset / --teacher")
@@ -265,8 +265,8 @@ def main(argv=None):
         if target is not student:  # (a run saved with --target-ema 0 has no separate target)
             C.load_weights(target, ck["net"] if ck["target"] is None else ck["target"], ckpt_path)
         opt.load_state_dict(ck["opt"])
-        for name, buf in buffers.items():
-            buf.load_state_dict(ck["buffers"][name])
+        for name, sd in ck.get("buffers", {}).items():
+            buffers[name].load_state_dict(sd)
         step, train_time = ck["step"], ck.get("train_time_s", 0.0)
         if C.is_main():
             print(f"resuming from {ckpt_path} at step {step}", flush=True)
@@ -311,9 +311,7 @@ def main(argv=None):
         log.update()
         if step % cfg.log_every == 0 or step == cfg.iters:
             loss = losses.mean().item()
-            if not math.isfinite(loss):
-                C.fail(f"loss is {loss} at step {step}; the last good checkpoint is {ckpt_path}; "
-                       f"lower --lr and rerun (it resumes)")
+            C.check_finite_loss({"loss": loss}, step, ckpt_path)
             per_src = {f"loss_{s}": losses[src == i].mean().item()
                        for i, s in enumerate(C.SOURCES) if (src == i).any()}
             log.log(step, loss=loss, train_s=round(train_time, 3), **per_src)
@@ -326,7 +324,7 @@ def main(argv=None):
                 "steps": K, "w": w_eval, "config": asdict(cfg), "step": step,
                 "train_time_s": train_time, "opt": opt.state_dict(),
                 "target": target.state_dict() if target is not student else None,
-                "buffers": {name: buf.state_dict() for name, buf in buffers.items()}})
+                "buffers": {name: buf.state_dict() for name, buf in buffers.items()}}, per_rank=("buffers",))
     log.close()
 
     # evaluation: the student at K = 1, 2, K; the teacher at the same K and at many steps
@@ -338,12 +336,12 @@ def main(argv=None):
             return consistency_loss(student, target, teacher, x_t, n_t, N, y, w_eval, cfg.bound,
                                     cfg.loss, cfg.huber_c)
     ks = sorted({1, 2, K})
-    result = E.final_evaluation(cfg.out, student, "renoise", ks, teacher, ks + [cfg.teacher_steps],
+    E.final_evaluation(cfg.out, student, "renoise", ks, teacher, ks + [cfg.teacher_steps],
                                 cfg.eval_samples, imitation_error, cfg.shift_samples, extra={
                                     "it_per_s": step / train_time if train_time > 0 else None,
                                     "train_time_s": train_time, "config": asdict(cfg)}, **ev)
     C.barrier()
-    return result
+    return student
 
 
 if __name__ == "__main__":

@@ -202,10 +202,11 @@ def main(argv=None):
     if cfg.iters < 0 or cfg.refresh_every < 0 or cfg.lr <= 0 or cfg.guidance < 0:
         C.fail("--iters, --refresh-every and --guidance must be >= 0 and --lr > 0")
     betas = C.check_ddil(cfg)
+    C.check_out_dir(cfg.out)  # --out naming a file: one line, before any work
     rank, world, device = C.init_dist(cfg.device)
     data = C.load_dataset(cfg.dataset, cfg.data_dir)
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
-    ck = C.load_checkpoint(ckpt_path, map_location=device) if os.path.isfile(ckpt_path) else None
+    ck = C.load_checkpoint(ckpt_path, device, per_rank=("buffers",)) if os.path.isfile(ckpt_path) else None
     if ck is not None:  # a resume must continue the same schedule, or it is not the same run
         old = ck.get("config", {})
         for k in ("teacher_steps", "steps", "iters_per_stage", "batch_size", "seed", "guidance"):
@@ -256,7 +257,7 @@ def main(argv=None):
             opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
             opt.load_state_dict(ck["opt"])
             buffers = {k: C.MixingBuffer(cfg.buffer_size) for k in ("teacher", "student")}
-            for k, sd in ck["buffers"].items():
+            for k, sd in ck.get("buffers", {}).items():
                 buffers[k].load_state_dict(sd)
         else:  # a new stage: the student becomes the teacher; fresh optimiser and buffers
             teacher = teacher0 if stage == 0 else copy.deepcopy(student).eval().requires_grad_(False)
@@ -285,9 +286,7 @@ def main(argv=None):
             log.update()
             if step % cfg.log_every == 0 or step == stop:
                 loss_v = loss.item()
-                if not math.isfinite(loss_v):
-                    C.fail(f"loss is {loss_v} at step {step}; the last good checkpoint is "
-                           f"{ckpt_path}; lower --lr and rerun (it resumes)")
+                C.check_finite_loss({"loss": loss_v}, step, ckpt_path)
                 log.log(step, stage=stage, N=N, loss=loss_v, lr=opt.param_groups[0]["lr"],
                         train_s=round(train_time, 3))
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
@@ -300,7 +299,7 @@ def main(argv=None):
                     "steps": N, "w": w_guide, "config": asdict(cfg), "teacher": teacher.state_dict(),
                     "teacher_config": teacher.config, "opt": opt.state_dict(), "step": step,
                     "stage": stage, "train_time_s": train_time,
-                    "buffers": {k: b.state_dict() for k, b in buffers.items()}})
+                    "buffers": {k: b.state_dict() for k, b in buffers.items()}}, per_rank=("buffers",))
         if step < (stage + 1) * ips:  # stopped by --iters mid-stage; the checkpoint is written
             break
         m, _ = E.evaluate_net(student, "ddim", N, cfg.stage_eval_samples, **ev)

@@ -66,6 +66,7 @@ def main(argv=None):
                      "sample_count")
     if cfg.batch_size % cfg.grad_accum:
         C.fail(f"--batch-size {cfg.batch_size} is not a multiple of --grad-accum {cfg.grad_accum}")
+    C.check_out_dir(cfg.out)  # --out naming a file: one line, before any work
     rank, world, device = C.init_dist(cfg.device)
     data = C.load_dataset(cfg.dataset, cfg.data_dir)
     C.save_config(cfg, cfg.out)
@@ -134,9 +135,7 @@ def main(argv=None):
         log.update()
         if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.iters:  # never checkpoint a NaN
             loss_v = loss.item()
-            if loss_v != loss_v or abs(loss_v) == float("inf"):
-                C.fail(f"loss is {loss_v} at step {step}; the last good checkpoint is {ckpt_path}; "
-                       f"lower --lr and rerun (it resumes)")
+            C.check_finite_loss({"loss": loss_v}, step, ckpt_path)
             log.log(step, loss=loss_v, lr=opt.param_groups[0]["lr"])
         if step % cfg.ckpt_every == 0 or step == cfg.iters:
             checkpoint()

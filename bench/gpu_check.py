@@ -142,10 +142,11 @@ def measure(cfg, tmp, data, device, cuda):
     small = 2 if cfg.dry else 0
     per_script = {  # flags that keep the non-training parts (sampling, evaluation) short
         "teacher": ["--sample-count", "2", "--sample-steps", "2"],
-        "pd_ddil": ["--refresh", "2" if cfg.dry else "16", "--teacher-steps", "8", "--steps", "2"],
+        "pd_ddil": ["--refresh", "2" if cfg.dry else "16", "--teacher-steps", "8", "--steps", "2",
+                    "--shift-samples", "4"],
         "lcm_ddil": ["--eval-samples", "4" if cfg.dry else "16", "--teacher-steps", "2",
                      "--steps", "2", "--grid", "2" if cfg.dry else "48", "--refresh", "1",
-                     "--buffer-size", "64"],
+                     "--buffer-size", "64", "--shift-samples", "4"],
         "dmd2_ddil": ["--eval-samples", "4" if cfg.dry else "16", "--shift-samples", "4",
                       "--steps", "2", "--refresh", "1", "--buffer-size", "64",
                       "--teacher-substeps", "2"],

@@ -4,7 +4,6 @@ import json
 import os
 import types
 
-import pytest
 import torch
 
 import common as C
