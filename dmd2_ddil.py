@@ -1,22 +1,23 @@
 """DMD2 + DDIL: distil a v-prediction teacher into a K-step generator by distribution matching.
 
-Three networks, all initialised from the teacher: the real score T (the frozen teacher), the fake
-score F (trainable: it tracks the score of G's samples) and the generator G (trainable). At sampling
-time tau_i, G maps a state x to a sample  x0 = bound(alpha x - sigma v_G(x, tau_i)); K-step sampling
+Three networks, all initialised from the teacher: the real score mu_real (the frozen teacher T),
+the fake score mu_fake (trainable: it tracks the score of G's samples) and the generator G
+(trainable). At sampling time tau_i, G maps a state x to a sample  x0 = bound(alpha x - sigma v_G(x, tau_i)); K-step sampling
 re-noises in between, x_{tau_{i+1}} = alpha x0 + sigma z (common.generate kind "renoise").
 
 Distribution matching (DMD) on G's sample x, per sample:
     t ~ U[0.02, 0.98],  x_t = alpha_t x + sigma_t eps
-    p_real = x - T_x0(x_t),  p_fake = x - F_x0(x_t)
+    p_real = x - x0_real(x_t),  p_fake = x - x0_fake(x_t)      (x0 of mu_real, mu_fake)
     grad   = (p_real - p_fake) / mean_CHW |p_real|
     L_DM   = 0.5 ||x - sg(x - grad)||^2            (so dL/dx = grad: the KL gradient, normalised)
 Guidance (class-conditional teachers, as DMD2's text-to-image runs): the real score is the
-teacher classifier-free guided at --guidance w, T_x0 from v_u + (1 + w)(v(x_t, y) - v_u); G and F
-are plain conditional networks at the sample's label y.
+teacher classifier-free guided at --guidance w, x0_real from v_u + (1 + w)(v(x_t, y) - v_u); G
+and mu_fake are plain conditional networks at the sample's label y.
 Fake score: the teacher's v loss on sg(x) at t ~ U[0, 1].
-GAN: a small head D on F's bottleneck features, noised data vs noised G samples, non-saturating:
+GAN: a small head D on mu_fake's bottleneck features, noised data vs noised G samples,
+non-saturating:
     L_G += gan_weight * softplus(-D(x_t)),   L_D = disc_weight * (softplus(-D(real_t)) + softplus(D(x_t)))
-Two time scales: F and D step every iteration, G every --fake-updates iterations.
+Two time scales: mu_fake and D step every iteration, G every --fake-updates iterations.
 
 G's inputs, the DDIL part. DMD2 trains a multi-step G on its own "backward simulation": noise ->
 G -> re-noise -> G ... stopped at a grid time tau_i, without grad. DDIL replaces that input
@@ -37,7 +38,8 @@ Choices and deviations (DMD2 code: tianweiy/DMD2):
   data batch, which also feeds the data source of the mixture.
 - Backward-simulation states go through a replay buffer like DDIL's other rollouts, so baseline
   and DDIL differ only in the betas and the bound. DMD2 simulates fresh from the current G; here
-  the buffer of G's own states holds refresh x K x fake_updates x --sim-staleness states, so none
+  the buffer of G's own states holds (refresh / refresh_every) x K x fake_updates x
+  --sim-staleness states, so none
   is more than --sim-staleness G updates old (default 1: states from the G of the previous update
   at most; G does not move between its updates). That costs nothing: the same --refresh
   trajectories per iteration are simulated whatever the capacity. (When the capacity is below the
@@ -65,6 +67,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common as C
+import harness as H
+from teacher import load_teacher
 
 
 @dataclass
@@ -74,7 +78,7 @@ class Config:
     out: str = ""                  # default runs/dmd2_ddil-<dataset>[-cond]
     iters: int = 1500
     batch_size: int = 64           # per process
-    lr: float = 1e-4               # G and F (with the GAN head) alike
+    lr: float = 1e-4               # G and mu_fake (with the GAN head) alike
     seed: int = 0
     device: str = ""
     ckpt_every: int = 500
@@ -92,9 +96,11 @@ class Config:
     sample_bound: str = "clip"     # evaluation samples (published samplers clip)
     buffer_size: int = 256         # states per rollout source
     sim_staleness: int = 1         # G's own states are at most this many G updates old (on-policy)
-    refresh: int = 4               # fresh trajectories per source per iteration
+    refresh: int = 4               # fresh trajectories per rollout source at each refresh,
+    refresh_every: int = 1         # ... every this many iterations
+    reference_steps: int = 64      # the many-step teacher row beside G
     teacher_substeps: int = 8      # teacher DDIM steps per student step (rollouts, diagnostic labels)
-    fake_updates: int = 5          # G steps once per this many F steps (two time-scale rule)
+    fake_updates: int = 5          # G steps once per this many mu_fake steps (two time-scale rule)
     gan_weight: float = 3e-3       # 0 turns the GAN off
     disc_weight: float = 1e-2
     guidance: float = 0.0          # classifier-free guidance on the real score (conditional teachers)
@@ -104,11 +110,11 @@ class Config:
     eval_samples: int = 2000
     shift_samples: int = 256       # states per grid time in the covariate-shift diagnostic
     bf16: bool = True              # autocast on CUDA only (DMD2: bf16 needed, fp16 diverged)
-    compile: bool = False          # torch.compile G's and F's training forwards (eager on failure)
+    compile: bool = False          # torch.compile G's and mu_fake's training forwards (eager on failure)
     CHOICES = {"bound": C.BOUNDS, "sample_bound": C.BOUNDS}  # not a field: argparse choices
 
 
-PRESETS = {  # per-process batch for 8 GPUs; DMD2's ImageNet-64 recipe: lr 2e-6 for G and F, 5 F
+PRESETS = {  # per-process batch for 8 GPUs; DMD2's ImageNet-64 recipe: lr 2e-6 for G and mu_fake, 5 mu_fake
     # steps per G step, GAN weights 3e-3 / 1e-2, bf16. Global batch 8 x 40 = 320 and 200k iterations
     # are this code's choice (DMD2's own run length and batch are not checked here).
     "imagenet64": dict(iters=200_000, batch_size=40, lr=2e-6, fake_updates=5, ckpt_every=5000,
@@ -142,15 +148,14 @@ def dm_loss(x, real, fake, t_min, t_max):
     """0.5 ||x - sg(x - grad)||^2 at x_t = alpha x + sigma eps, t ~ U[t_min, t_max]; real / fake
     are v-denoisers(x, t). Returns (loss, grad)."""
     t = t_min + (t_max - t_min) * torch.rand(x.shape[0], device=x.device)
-    alpha, sigma = coefs(t, x)
-    x_t = alpha * x.detach() + sigma * torch.randn_like(x)
+    x_t = C.diffuse(x.detach(), t)
     with torch.no_grad():
         grad = dm_grad(x.detach(), x0_of(real, x_t, t), x0_of(fake, x_t, t))
     return 0.5 * F.mse_loss(x, (x - grad).detach()), grad
 
 
 def gan_head(ch):
-    """Realism classifier on F's bottleneck features: two convs, pool, linear -> one logit."""
+    """Realism classifier on mu_fake's bottleneck features: two convs, pool, linear -> one logit."""
     return nn.Sequential(nn.Conv2d(ch, ch, 3, padding=1), C.norm(ch), nn.SiLU(),
                          nn.Conv2d(ch, ch, 3, padding=1), C.norm(ch), nn.SiLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ch, 1))
@@ -165,7 +170,7 @@ def gan_d_loss(logits_real, logits_fake):
 
 
 def fake_score_loss(fake, head, x, real, y, y_real, gan, t_min, t_max):
-    """F's v loss on sg(x) at t ~ U[0, 1], plus D's loss on noised data vs noised x. One forward
+    """mu_fake's v loss on sg(x) at t ~ U[0, 1], plus D's loss on noised data vs noised x. One forward
     pass over [x_t, real_t, fake_t] (DDP wants one). Returns (loss_v, loss_d or None)."""
     x, B = x.detach(), x.shape[0]
     t = torch.rand(B, device=x.device)
@@ -175,8 +180,7 @@ def fake_score_loss(fake, head, x, real, y, y_real, gan, t_min, t_max):
     if not gan:
         return F.mse_loss(fake(x_t, t, y).float(), v), None
     tg = t_min + (t_max - t_min) * torch.rand(B, device=x.device)
-    ag, sg = coefs(tg, x)
-    inp = torch.cat([x_t, ag * real + sg * torch.randn_like(x), ag * x + sg * torch.randn_like(x)])
+    inp = torch.cat([x_t, C.diffuse(real, tg), C.diffuse(x, tg)])
     ys = None if y is None else torch.cat([y, y_real, y])
     v_pred, feats = fake(inp, torch.cat([t, tg, tg]), ys, return_features=True)
     logits_real, logits_fake = head(feats[B:]).float().squeeze(1).chunk(2)
@@ -188,8 +192,7 @@ def fake_score_loss(fake, head, x, real, y, y_real, gan, t_min, t_max):
 def data_states(x0, y, taus):
     """Real data forward-diffused to a random sampling time: x_t = alpha x0 + sigma eps, t ~ U{taus}."""
     t = taus.to(x0.device)[torch.randint(0, len(taus), (x0.shape[0],), device=x0.device)]
-    alpha, sigma = coefs(t, x0)
-    return alpha * x0 + sigma * torch.randn_like(x0), t, y, None
+    return C.diffuse(x0, t), t, y, None
 
 
 @torch.no_grad()
@@ -235,16 +238,15 @@ def generator_sample(G, x_in, t_in, y, bound):
 
 def generator_update(G_train, G, fake, head, T, opt, x, y, cfg):
     """One step of G on its samples x: the DM loss against the guided real score and the fake
-    score, plus the GAN generator loss. F and D get no gradient. Returns {loss name: value}."""
+    score, plus the GAN generator loss. mu_fake and D get no gradient. Returns {loss name: value}."""
     fake.requires_grad_(False), head.requires_grad_(False)
-    with C.autocast(x.device, cfg.bf16):
+    with H.autocast(x.device, cfg.bf16):
         loss_dm, _ = dm_loss(x, C.guided(T, y, cfg.guidance), lambda x, t: fake(x, t, y),
                              cfg.t_min, cfg.t_max)
         loss, rec = loss_dm, {"loss_dm": loss_dm.item()}
         if cfg.gan_weight > 0:
             tg = cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(x.shape[0], device=x.device)
-            ag, sg = coefs(tg, x)
-            feats = fake(ag * x + sg * torch.randn_like(x), tg, y, return_features=True)[1]
+            feats = fake(C.diffuse(x, tg), tg, y, return_features=True)[1]
             loss_gan = gan_g_loss(head(feats).float().squeeze(1))
             loss, rec["loss_gan_g"] = loss + cfg.gan_weight * loss_gan, loss_gan.item()
     opt.zero_grad(set_to_none=True)
@@ -256,9 +258,9 @@ def generator_update(G_train, G, fake, head, T, opt, x, y, cfg):
 
 
 def fake_score_update(fake_train, head_train, fake, head, opt, x, real, y, y_real, cfg):
-    """One step of F (and the GAN head D) on G's detached samples x and the real batch."""
+    """One step of mu_fake (and the GAN head D) on G's detached samples x and the real batch."""
     gan = cfg.gan_weight > 0
-    with C.autocast(x.device, cfg.bf16):
+    with H.autocast(x.device, cfg.bf16):
         loss_f, loss_d = fake_score_loss(fake_train, head_train, x, real, y, y_real, gan,
                                          cfg.t_min, cfg.t_max)
         loss = loss_f + (cfg.disc_weight * loss_d if gan else 0.0)
@@ -271,60 +273,49 @@ def fake_score_update(fake_train, head_train, fake, head, opt, x, real, y, y_rea
 
 # ---- the run ----------------------------------------------------------------------------------
 
-def main(argv=None):
-    cfg = C.parse_config(Config, argv, PRESETS)
-    cfg.out = cfg.out or os.path.join("runs", f"dmd2_ddil-{cfg.dataset}{'-cond' if cfg.cond else ''}")
-    C.check_positive(cfg, "iters", "batch_size", "log_every", "ckpt_every", "steps", "buffer_size",
-                     "refresh", "teacher_substeps", "fake_updates", "eval_samples",
-                     "shift_samples", "sim_staleness")
+def check(cfg):
+    """One-line errors for bad flags, before any work; returns the betas."""
+    H.check_positive(cfg, "iters", "batch_size", "log_every", "ckpt_every", "steps", "buffer_size",
+                     "refresh", "refresh_every", "reference_steps", "teacher_substeps",
+                     "fake_updates", "eval_samples", "shift_samples", "sim_staleness")
     if cfg.gan_weight < 0 or cfg.disc_weight < 0 or cfg.guidance < 0:
-        C.fail("--gan-weight, --disc-weight and --guidance must be >= 0")
+        H.fail("--gan-weight, --disc-weight and --guidance must be >= 0")
     if not 0.0 <= cfg.t_min < cfg.t_max <= 1.0:
-        C.fail(f"need 0 <= --t-min < --t-max <= 1, got {cfg.t_min}, {cfg.t_max}")
-    betas = C.check_ddil(cfg)
-    C.check_out_dir(cfg.out)  # --out naming a file: one line, before any work
-    rank, world, device = C.init_dist(cfg.device)
-    data = C.load_dataset(cfg.dataset, cfg.data_dir)
-    T, _ = C.load_teacher(cfg.teacher, cfg.dataset, device, cfg.cond)
-    C.save_config(cfg, cfg.out)
-    nc, K = T.num_classes, cfg.steps
+        H.fail(f"need 0 <= --t-min < --t-max <= 1, got {cfg.t_min}, {cfg.t_max}")
+    return H.check_ddil(cfg)
+
+
+def main(argv=None):
+    cfg = H.parse_config(Config, argv, PRESETS)
+    betas = check(cfg)
+    rank, world, device, data = H.setup(cfg, "dmd2_ddil")
+    T, _ = load_teacher(cfg.teacher, cfg.dataset, device, cfg.cond)
+    nc, K, B = T.num_classes, cfg.steps, cfg.batch_size
     cfg.guidance = cfg.guidance if nc else 0.0
 
-    G = C.student_of(T)  # G and F copy the teacher, without dropout
+    G = C.student_of(T)  # G and mu_fake copy the teacher, without dropout
     fake = copy.deepcopy(G)
     torch.manual_seed(cfg.seed)  # the head's random init: same seed, same run
     head = gan_head(T.mid_ch).to(device)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr)
     opt_f = torch.optim.Adam(list(fake.parameters()) + list(head.parameters()), lr=cfg.lr)
     taus = C.time_grid(K)[:-1]
-    # DMD2 simulates G's inputs from the current G; a ring of refresh x K x fake_updates x
-    # sim_staleness states holds none older than sim_staleness G updates (G only moves every
-    # fake_updates iterations), at no extra cost: the refresh per iteration is the same
-    sim_capacity = min(cfg.buffer_size, cfg.refresh * K * cfg.fake_updates * cfg.sim_staleness)
-    buffers = {"teacher": C.MixingBuffer(cfg.buffer_size), "student": C.MixingBuffer(sim_capacity)}
-    ckpt_path, step, train_time = os.path.join(cfg.out, "ckpt.pt"), 0, 0.0
-    if os.path.isfile(ckpt_path):
-        ck = C.load_checkpoint(ckpt_path, map_location=device, per_rank=("buffers",))
-        if ck.get("model_config") != G.config or ck.get("steps") != K:
-            C.fail(f"{ckpt_path} holds a generator of another shape or K ({ck.get('model_config')}, "
-                   f"K={ck.get('steps')}); use a fresh --out or the same --dataset/--steps")
-        C.load_weights(G, ck["net"], "generator"), C.load_weights(fake, ck["fake"], "fake score")
-        C.load_weights(head, ck["head"], "GAN head")
-        opt_g.load_state_dict(ck["opt_g"]), opt_f.load_state_dict(ck["opt_f"])
-        for name, sd in ck.get("buffers", {}).items():
-            buffers[name].load_state_dict(sd)
-        step, train_time = ck["step"], ck["train_time_s"]
-        if C.is_main():
-            print(f"resuming from {ckpt_path} at step {step}", flush=True)
-    G_train = DDP(G) if world > 1 else G
-    fake_train = DDP(fake) if world > 1 else fake
-    head_train = DDP(head) if world > 1 and cfg.gan_weight > 0 else head
+    # DMD2 simulates G's inputs from the current G; a ring of (refresh / refresh_every) x K x
+    # fake_updates x sim_staleness states holds none older than sim_staleness G updates (G only
+    # moves every fake_updates iterations), at no extra cost: the simulation per iteration is the same
+    per_update = cfg.refresh * K * cfg.fake_updates * cfg.sim_staleness // cfg.refresh_every
+    buffers = {"teacher": C.MixingBuffer(cfg.buffer_size),
+               "student": C.MixingBuffer(min(cfg.buffer_size, max(1, per_update)))}
+    ckpt_path = os.path.join(cfg.out, "ckpt.pt")
+    ck, step, train_time = H.resume(ckpt_path, device, G.config, {
+        "net": G, "fake": fake, "head": head, "opt_g": opt_g, "opt_f": opt_f, "buffers": buffers})
+    if ck is not None and ck["steps"] != K:
+        H.fail(f"{ckpt_path} holds a {ck['steps']}-step generator, not --steps {K}: use a fresh --out")
     shape = (G.config["in_ch"], G.config["resolution"], G.config["resolution"])
-    B = cfg.batch_size
-    y_try = torch.zeros(B, dtype=torch.long, device=device) if nc else None
-    G_train, fake_train = (C.maybe_compile(n, torch.zeros(B, *shape, device=device), torch.rand(B, device=device),
-                                           y_try, enabled=cfg.compile) for n in (G_train, fake_train))
-    if C.is_main():
+    G_train, fake_train = (H.compile_trial(DDP(n) if world > 1 else n, cfg, shape, labels=nc > 0)
+                           for n in (G, fake))
+    head_train = DDP(head) if world > 1 and cfg.gan_weight > 0 else head
+    if H.is_main():
         print(f"dmd2_ddil: K={K}, betas (data, teacher, student) = {betas}, bound {cfg.bound}, "
               f"GAN {'on' if cfg.gan_weight > 0 else 'off'}" + (f", guidance w {cfg.guidance:g}" if nc else "")
               + f", global batch {cfg.batch_size * world}, {device}"
@@ -335,13 +326,13 @@ def main(argv=None):
 
     import evaluate as E  # after init_dist: evaluation splits sampling over ranks
     # G is sampled plainly (w = 0): it has learnt the guided real score's distribution
-    ev = dict(dataset=cfg.dataset, bound=cfg.sample_bound, seed=cfg.seed, device=device,
+    protocol = dict(dataset=cfg.dataset, bound=cfg.sample_bound, seed=cfg.seed, device=device,
               data_dir=cfg.data_dir, w=0.0)
-    batches = C.Batches(data, cfg.batch_size, cfg.seed, rank, world, device)
-    log = C.Logger(cfg.out, cfg.iters, step, desc="dmd2_ddil")
+    batches = H.Batches(data, cfg.batch_size, cfg.seed, rank, world, device)
+    log = H.Logger(cfg.out, cfg.iters, step, desc="dmd2_ddil")
     while step < cfg.iters:
         t0 = time.time()
-        C.step_seed(cfg.seed, rank, step)
+        H.step_seed(cfg.seed, rank, step)
         real, y_real = batches.get(step)
         y_real = y_real if nc else None
         if K == 1:  # G's input is pure noise at tau_1 = 1
@@ -349,17 +340,18 @@ def main(argv=None):
         else:
             n_data, n_teacher, n_student = C.source_counts(
                 B, C.ramped_betas(betas, step / cfg.iters, cfg.beta_ramp))
+            refresh = cfg.refresh if step % cfg.refresh_every == 0 else 0
             x_in, t_in, y, _, _ = C.cat_states(
                 data_states(real[:n_data], None if y_real is None else y_real[:n_data], taus),
                 C.replay(buffers["teacher"], lambda n: teacher_rollout(
                     T, *new_trajectories(n), cfg.guidance, taus, cfg.teacher_substeps, cfg.bound),
-                    n_teacher, cfg.refresh, K),
+                    n_teacher, refresh, K),
                 C.replay(buffers["student"], lambda n: backward_simulation(G, *new_trajectories(n), taus, cfg.bound),
-                         n_student, cfg.refresh, K))
+                         n_student, refresh, K))
             y = y if nc else None
-        # every iteration makes samples for F; every fake_updates-th one also steps G on them
+        # every iteration makes samples for mu_fake; every fake_updates-th one also steps G on them
         g_step = step % cfg.fake_updates == 0
-        with torch.set_grad_enabled(g_step), C.autocast(device, cfg.bf16):
+        with torch.set_grad_enabled(g_step), H.autocast(device, cfg.bf16):
             x = generator_sample(G_train if g_step else G, x_in, t_in, y, cfg.bound)
         rec = generator_update(G_train, G, fake, head, T, opt_g, x, y, cfg) if g_step else {}
         rec.update(fake_score_update(fake_train, head_train, fake, head, opt_f, x, real, y, y_real, cfg))
@@ -367,13 +359,13 @@ def main(argv=None):
         train_time += time.time() - t0
         log.update()
         if step % cfg.log_every == 0 or step == cfg.iters:
-            C.check_finite_loss(rec, step, ckpt_path)
+            H.check_finite_loss(rec, step, ckpt_path)
             log.log(step, train_s=round(train_time, 3), **rec)
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iters):
             log.log(step, train_s=round(train_time, 3),
-                    **E.fd_during_training(G, "renoise", K, cfg.eval_every_samples, **ev))
+                    **E.fd_during_training(G, "renoise", K, cfg.eval_every_samples, **protocol))
         if step % cfg.ckpt_every == 0 or step == cfg.iters:
-            C.save_checkpoint(ckpt_path, {
+            H.save_checkpoint(ckpt_path, {
                 "net": G.state_dict(), "model_config": G.config, "sampler": "renoise", "steps": K,
                 "w": cfg.guidance, "config": asdict(cfg), "fake": fake.state_dict(),
                 "head": head.state_dict(), "opt_g": opt_g.state_dict(), "opt_f": opt_f.state_dict(),
@@ -390,12 +382,12 @@ def main(argv=None):
             label = teacher_sample_from(T, x_t, t, K, cfg.teacher_substeps, cfg.bound, y, cfg.guidance)
             return (g - label).pow(2).mean(dim=(1, 2, 3))
     ks = sorted({1, K})
-    E.final_evaluation(cfg.out, G, "renoise", ks, T, sorted({1, K, 64}), cfg.eval_samples,
+    E.final_evaluation(cfg.out, G, "renoise", ks, T, sorted({1, K, cfg.reference_steps}), cfg.eval_samples,
                                 imitation_error, cfg.shift_samples, w_student=0.0, extra={
                                     "it_per_s": step / max(train_time, 1e-9),
                                     "train_time_s": train_time, "config": asdict(cfg)},
-                                **{**ev, "w": cfg.guidance})
-    C.barrier()
+                                **{**protocol, "w": cfg.guidance})
+    H.barrier()
     return G
 
 

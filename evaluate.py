@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common as C
+import harness as H
 
 CACHE_DIR = os.path.join("runs", "eval-cache")
 
@@ -150,8 +151,8 @@ def digits_classifier():
 def train_digits_classifier(data_dir="data"):
     """Adam on a fixed split of the 1797 digits, fixed seed: the same weights on every run.
     Returns (network in eval mode, held-out accuracy)."""
-    x, y = C.load_dataset("digits", data_dir)
-    x = C.to_float(x)
+    x, y = H.load_dataset("digits", data_dir)
+    x = H.to_float(x)
     # one thread: the same summation order whatever the core count, and for a net this small
     # also the fastest (2 threads on 2 busy cores were 10x slower)
     threads = torch.get_num_threads()
@@ -221,7 +222,7 @@ def digits_extractor(cache_dir=CACHE_DIR, data_dir="data"):
 
     @torch.no_grad()
     def extract(x_uint8):
-        h = net[:-1](C.to_float(x_uint8.cpu()))
+        h = net[:-1](H.to_float(x_uint8.cpu()))
         return h.double() / net.feat_scale.item(), net[-1](h).argmax(1)
     return extract
 
@@ -237,12 +238,12 @@ def inception_extractor(device="cpu", weights="", batch=250):
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError:
-        C.fail("Inception FID needs torch-fidelity: pip install torch-fidelity")
+        H.fail("Inception FID needs torch-fidelity: pip install torch-fidelity")
     try:
         net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
                                           feature_extractor_weights_path=weights or None)
     except Exception as e:
-        C.fail(f"could not load the Inception FID weights ({type(e).__name__}); offline machines: "
+        H.fail(f"could not load the Inception FID weights ({type(e).__name__}); offline machines: "
                f"pass --inception-weights PATH to pt_inception-2015-12-05-6726825d.pth")
     net = net.to(device).eval()
 
@@ -270,7 +271,7 @@ def real_features(dataset, data_dir="data", extractor=None, cache_dir=CACHE_DIR,
     if path and os.path.isfile(path):
         feats = torch.load(path, weights_only=True)
     else:
-        x, _ = C.load_dataset(dataset, data_dir)
+        x, _ = H.load_dataset(dataset, data_dir)
         if len(x) > REF_COUNT:  # imagenet64: a fixed random 50k subset of the train split
             x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:REF_COUNT]]
         feats = extractor(x)[0]
@@ -301,7 +302,7 @@ def sample_metrics(samples, dataset="digits", data_dir="data", cache_dir=CACHE_D
     real = real_features(dataset, data_dir, extractor, cache_dir, name)
     fake, classes = extractor(to_uint8(samples))
     m = compare(real, fake, device)
-    m["entropy"] = entropy(classes, C.DATASETS[dataset][2]) if classes is not None else None
+    m["entropy"] = entropy(classes, H.DATASETS[dataset][2]) if classes is not None else None
     m["cond_acc"] = (float((classes.cpu() == labels.cpu()).double().mean())
                      if classes is not None and labels is not None else None)
     return m
@@ -323,12 +324,12 @@ def sample(net, kind, steps, num_samples, bound="clip", seed=0, device="cpu", w=
     out = []
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
         for i, start in enumerate(range(0, per_rank, batch)):
-            C.step_seed(seed, rank, i)
+            H.step_seed(seed, rank, i)
             n = min(batch, per_rank - start)
             lo = rank * per_rank + start
             yb = None if y is None else y[torch.arange(lo, lo + n) % num_samples].to(device)
             out.append(C.generate(net, n, steps, kind, bound, y=yb, w=w, device=device))
-    return C.all_gather_cat(torch.cat(out))[:num_samples]
+    return H.all_gather_cat(torch.cat(out))[:num_samples]
 
 
 def evaluate_net(net, kind, steps, num_samples, dataset="digits", bound="clip", seed=0,
@@ -337,7 +338,7 @@ def evaluate_net(net, kind, steps, num_samples, dataset="digits", bound="clip", 
     rank 0 computes the metrics and every rank returns them."""
     x = sample(net, kind, steps, num_samples, bound, seed, device, w)
     m = [None]
-    if C.is_main():
+    if H.is_main():
         m[0] = sample_metrics(x, dataset, data_dir, cache_dir, device=device,
                               inception_weights=inception_weights,
                               labels=eval_labels(num_samples, C.unwrap(net).num_classes))
@@ -346,25 +347,25 @@ def evaluate_net(net, kind, steps, num_samples, dataset="digits", bound="clip", 
     return m[0], x
 
 
-def fd_during_training(net, kind, steps, num_samples, **ev):
+def fd_during_training(net, kind, steps, num_samples, **protocol):
     """{fd, kid} of a network mid-training (put back in its mode after): the curve in log.jsonl
     behind "wall time to reach the baseline's FD". The same noise every call (seed), so the curve
     moves only with the weights; the training RNG is untouched (sample forks it)."""
     was_training = net.training
     net.eval()
-    m, _ = evaluate_net(net, kind, steps, num_samples, **ev)
+    m, _ = evaluate_net(net, kind, steps, num_samples, **protocol)
     net.train(was_training)
     return {"fd": m["fd"], "kid": m["kid"]}
 
 
-def reference_rows(teacher, steps_list, num_samples, **ev):
+def reference_rows(teacher, steps_list, num_samples, **protocol):
     """{K: metrics} of the teacher's DDIM sampler at each K (report it beside every student, at
-    the same guidance weight ev["w"] and the same labels)."""
-    return {str(int(K)): evaluate_net(teacher, "ddim", int(K), num_samples, **ev)[0] for K in steps_list}
+    the same guidance weight protocol["w"] and the same labels)."""
+    return {str(int(K)): evaluate_net(teacher, "ddim", int(K), num_samples, **protocol)[0] for K in steps_list}
 
 
 def final_evaluation(out, student, kind, student_ks, teacher, teacher_ks, num_samples, error_fn,
-                     shift_samples, w=0.0, w_student=None, extra=None, **ev):
+                     shift_samples, w=0.0, w_student=None, extra=None, **protocol):
     """The evaluation that ends every method script, one protocol: the student at each K in
     student_ks (sampled at w_student: its w input, or 0 for a student that distilled guidance w
     into itself), the teacher's DDIM at teacher_ks with guidance w, both at balanced labels;
@@ -374,16 +375,16 @@ def final_evaluation(out, student, kind, student_ks, teacher, teacher_ks, num_sa
     w_student = w if w_student is None else w_student
     rows, samples = {}, None
     for k in student_ks:
-        rows[str(k)], samples = evaluate_net(student, kind, k, num_samples, w=w_student, **ev)
-    result = {"student": rows, "teacher": reference_rows(teacher, teacher_ks, num_samples, w=w, **ev),
-              "w": w if teacher.num_classes else None, "sample_bound": ev.get("bound", "clip")}
-    if not C.is_main():
+        rows[str(k)], samples = evaluate_net(student, kind, k, num_samples, w=w_student, **protocol)
+    result = {"student": rows, "teacher": reference_rows(teacher, teacher_ks, num_samples, w=w, **protocol),
+              "w": w if teacher.num_classes else None, "sample_bound": protocol.get("bound", "clip")}
+    if not H.is_main():
         return result
     result["covariate_shift"] = covariate_shift(
-        error_fn, *grid_states(student, kind, student_ks[-1], shift_samples, w=w_student, **ev))
+        error_fn, *grid_states(student, kind, student_ks[-1], shift_samples, w=w_student, **protocol))
     result.update(extra or {})
-    C.save_grid(samples[:64], os.path.join(out, "samples.png"), nrow=8)
-    C.write_json(result, os.path.join(out, "metrics.json"))
+    H.save_grid(samples[:64], os.path.join(out, "samples.png"), nrow=8)
+    H.write_json(result, os.path.join(out, "metrics.json"))
     print(HEADER)
     for k, m in rows.items():
         print(fmt_row(f"student K={k}", m))
@@ -436,9 +437,9 @@ def grid_states(net, kind, steps, n, dataset="digits", bound="clip", seed=0, dev
     guidance w). Returns (data_states, own_states), each {t: (x_t, y or None)}."""
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
         torch.manual_seed(seed)
-        x, labels = C.load_dataset(dataset, data_dir)
+        x, labels = H.load_dataset(dataset, data_dir)
         idx = torch.randint(0, len(x), (n,))
-        x0 = C.to_float(x[idx]).to(device)
+        x0 = H.to_float(x[idx]).to(device)
         nc = C.unwrap(net).num_classes
         y_data = labels[idx].to(device) if nc else None
         y_own = eval_labels(n, nc).to(device) if nc else None
@@ -448,8 +449,7 @@ def grid_states(net, kind, steps, n, dataset="digits", bound="clip", seed=0, dev
         _, own = C.ddim_sample(C.guided(net, y_own, w), x1, ts, bound, noises, return_states=True)
         data_states, own_states = {}, {}
         for t, xs in zip(ts[:-1].tolist(), own):
-            a, s = C.alpha_sigma(t)
-            data_states[t] = (a * x0 + s * torch.randn_like(x0), y_data)
+            data_states[t] = (C.diffuse(x0, torch.full((n,), t, device=x0.device)), y_data)
             own_states[t] = (xs, y_own)
     return data_states, own_states
 
@@ -467,7 +467,7 @@ def noise_floor(net, kind, steps, num_samples, dataset="digits", bound="clip", s
     res = [None]
     xa = sample(net, kind, steps, num_samples, bound, seed + 1000, device, w)
     xb = sample(net, kind, steps, num_samples, bound, seed + 1001, device, w)
-    if C.is_main():
+    if H.is_main():
         if dataset == "digits":
             extractor, name = digits_extractor(cache_dir, data_dir), ""
         else:
@@ -497,7 +497,7 @@ def checkpoint_w(net, ck, w=None):
         w = ck["w"] if w is None else w
         return w, w
     if w is not None and w != ck["w"]:
-        C.fail(f"this student was distilled at guidance weight w = {ck['w']:g} and cannot be sampled "
+        H.fail(f"this student was distilled at guidance weight w = {ck['w']:g} and cannot be sampled "
                f"at --w {w:g}; drop --w")
     return ck["w"], 0.0
 
@@ -535,18 +535,18 @@ def main(argv=None):
                         "DMD2 student is sampled at the w it distilled")
     args = p.parse_args(argv)
     if min(args.steps) <= 0 or args.num_samples < 10 or args.floor_steps <= 0:
-        C.fail("--steps and --floor-steps must be positive and --num-samples at least 10")
-    _, _, device = C.init_dist(args.device)
-    net, kind, ck = C.load_net(args.ckpt, device)
+        H.fail("--steps and --floor-steps must be positive and --num-samples at least 10")
+    _, _, device = H.init_dist(args.device)
+    net, kind, ck = H.load_net(args.ckpt, device)
     cfg = ck.get("config", {})
     dataset = cfg.get("dataset", "digits")
     bound = args.bound or cfg.get("sample_bound", "clip")
     out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
-    if dataset != "digits" and C.is_main():
+    if dataset != "digits" and H.is_main():
         inception_extractor(device, args.inception_weights)  # fail now, before any sampling
     w, w_sample = checkpoint_w(net, ck, args.w)
     t0, rows = time.time(), {}
-    if C.is_main():
+    if H.is_main():
         print(f"{args.ckpt}: {dataset}, sampler {kind}, bound {bound}, {args.num_samples} samples, "
               f"seed {args.seed}" + (f", w {w:g}" if net.num_classes else ""), flush=True)
     for K in args.steps:
@@ -554,19 +554,19 @@ def main(argv=None):
                             args.data_dir, w=w_sample, cache_dir=args.cache_dir,
                             inception_weights=args.inception_weights)
         rows[str(K)] = m
-        C.save_grid(x[:64], os.path.join(out, f"eval-K{K}.png"), nrow=8)
+        H.save_grid(x[:64], os.path.join(out, f"eval-K{K}.png"), nrow=8)
     result = {"checkpoint": args.ckpt, "dataset": dataset, "sampler": kind, "bound": bound,
               "num_samples": args.num_samples, "seed": args.seed, "w": w if net.num_classes else None,
               "rows": rows}
     if dataset == "digits":
         result["feature_net_heldout_acc"] = digits_features_net(args.cache_dir, args.data_dir)[1] \
-            if C.is_main() else None
+            if H.is_main() else None
     if args.noise_floor:
         result["noise_floor"] = noise_floor(net, kind, args.floor_steps, args.num_samples, dataset,
                                             bound, args.seed, device, args.data_dir, args.cache_dir,
                                             w_sample)
     result["time_s"] = round(time.time() - t0, 2)
-    if C.is_main():
+    if H.is_main():
         print(HEADER)
         for K, m in rows.items():
             print(fmt_row(K, m))
@@ -581,9 +581,9 @@ def main(argv=None):
             print(f"feature classifier held-out accuracy {result['feature_net_heldout_acc']:.4f}; "
                   f"entropy of a uniform class histogram {math.log(10):.3f}")
         os.makedirs(out, exist_ok=True)
-        C.write_json(result, os.path.join(out, "eval-metrics.json"))
+        H.write_json(result, os.path.join(out, "eval-metrics.json"))
         print(f"wrote {os.path.join(out, 'eval-metrics.json')} and eval-K*.png ({result['time_s']} s)")
-    C.barrier()
+    H.barrier()
     return result
 
 

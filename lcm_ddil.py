@@ -42,6 +42,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common as C
+import harness as H
+from teacher import load_teacher
 
 
 @dataclass
@@ -75,11 +77,11 @@ class Config:
     bound: str = "none"           # training: the teacher's step and the rollouts
     sample_bound: str = "clip"    # evaluation samples (published samplers clip)
     buffer_size: int = 1024       # states per rollout source
-    refresh: int = 4              # fresh trajectories per iteration and source, on average
-    refresh_every: int = 8        # ... pushed as one batch every this many iterations
+    refresh: int = 32             # fresh trajectories per rollout source at each refresh,
+    refresh_every: int = 8        # ... every this many iterations (one batched sampler call)
     eval_samples: int = 2000
     shift_samples: int = 1000     # states per sampling time in the covariate-shift diagnostic
-    teacher_steps: int = 64       # the many-step teacher row beside the student
+    reference_steps: int = 64     # the many-step teacher row beside the student
     bf16: bool = True             # autocast on CUDA only
     compile: bool = False         # torch.compile the student's training forward (eager on failure)
     grad_accum: int = 1           # micro-batches per step (batch_size / grad_accum each; DDP no_sync)
@@ -157,7 +159,7 @@ def update_target(target, student, decay):
 def sampling_times(steps, grid):
     """The K sampling times 1 = tau_1 > ... > tau_K (and 0); a one-line error if off the grid."""
     if steps <= 0 or grid <= 0 or grid % steps:
-        C.fail(f"--steps {steps} sampling times 1 - i/{steps} are not on the --grid {grid} "
+        H.fail(f"--steps {steps} sampling times 1 - i/{steps} are not on the --grid {grid} "
                f"training grid t_n = n/{grid}: use a --grid that is a multiple of --steps")
     return C.time_grid(steps)
 
@@ -172,8 +174,7 @@ def guidance_weights(n, w_min, w_max, device="cpu"):
 def data_states(x0, y, w, grid):
     """Forward-diffused data at random grid times: x_t = alpha x0 + sigma eps, t = n/N, n ~ U{1..N}."""
     t = torch.randint(1, grid + 1, (x0.shape[0],), device=x0.device) / grid
-    alpha, sigma = (C.bcast(c, x0) for c in C.alpha_sigma(t))
-    return alpha * x0 + sigma * torch.randn_like(x0), t, y, w
+    return C.diffuse(x0, t), t, y, w
 
 
 @torch.no_grad()
@@ -211,9 +212,9 @@ def train_step(net, student, target, teacher, opt, x, t, y, w, cfg):
     n = (t * cfg.grid).round().long()  # every state sits on the grid (rollouts: at the tau_i)
     opt.zero_grad(set_to_none=True)
     parts = []
-    for sync, (x_m, n_m, y_m, w_m) in C.micro_batches(net, cfg.grad_accum, x, n, y, w):
+    for sync, (x_m, n_m, y_m, w_m) in H.micro_batches(net, cfg.grad_accum, x, n, y, w):
         with sync:
-            with C.autocast(x.device, cfg.bf16):
+            with H.autocast(x.device, cfg.bf16):
                 losses = consistency_loss(net, target, teacher, x_m, n_m, cfg.grid, y_m, w_m,
                                           cfg.bound, cfg.loss, cfg.huber_c)
             (losses.mean() / cfg.grad_accum).backward()
@@ -225,28 +226,24 @@ def train_step(net, student, target, teacher, opt, x, t, y, w, cfg):
 
 
 def check(cfg):
-    C.check_positive(cfg, "iters", "batch_size", "log_every", "ckpt_every", "eval_samples",
-                     "buffer_size", "refresh", "refresh_every", "teacher_steps", "grad_accum",
+    H.check_positive(cfg, "iters", "batch_size", "log_every", "ckpt_every", "eval_samples",
+                     "buffer_size", "refresh", "refresh_every", "reference_steps", "grad_accum",
                      "shift_samples")
     if cfg.batch_size % cfg.grad_accum:
-        C.fail(f"--batch-size {cfg.batch_size} is not a multiple of --grad-accum {cfg.grad_accum}")
+        H.fail(f"--batch-size {cfg.batch_size} is not a multiple of --grad-accum {cfg.grad_accum}")
     if not 0 <= cfg.target_ema < 1:
-        C.fail(f"--target-ema must be in [0, 1), got {cfg.target_ema}")
+        H.fail(f"--target-ema must be in [0, 1), got {cfg.target_ema}")
     if not 0 <= cfg.w_min <= cfg.w_max:
-        C.fail(f"need 0 <= --w-min <= --w-max, got {cfg.w_min}, {cfg.w_max}")
+        H.fail(f"need 0 <= --w-min <= --w-max, got {cfg.w_min}, {cfg.w_max}")
     sampling_times(cfg.steps, cfg.grid)
-    return C.check_ddil(cfg)
+    return H.check_ddil(cfg)
 
 
 def main(argv=None):
-    cfg = C.parse_config(Config, argv, PRESETS)
-    cfg.out = cfg.out or os.path.join("runs", f"lcm_ddil-{cfg.dataset}{'-cond' if cfg.cond else ''}")
+    cfg = H.parse_config(Config, argv, PRESETS)
     betas = check(cfg)
-    C.check_out_dir(cfg.out)  # --out naming a file: one line, before any work
-    rank, world, device = C.init_dist(cfg.device)
-    data = C.load_dataset(cfg.dataset, cfg.data_dir)
-    teacher, _ = C.load_teacher(cfg.teacher, cfg.dataset, device, cfg.cond)
-    C.save_config(cfg, cfg.out)
+    rank, world, device, data = H.setup(cfg, "lcm_ddil")
+    teacher, _ = load_teacher(cfg.teacher, cfg.dataset, device, cfg.cond)
     K, N, nc = cfg.steps, cfg.grid, teacher.num_classes
     guided = nc > 0 and cfg.w_max > 0  # a w-conditioned student distils the guided teacher
     w_eval = 0.5 * (cfg.w_min + cfg.w_max) if guided else 0.0
@@ -255,28 +252,12 @@ def main(argv=None):
     target = make_target(student, cfg.target_ema)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     buffers = {"teacher": C.MixingBuffer(cfg.buffer_size), "student": C.MixingBuffer(cfg.buffer_size)}
-    ckpt_path, step, train_time = os.path.join(cfg.out, "ckpt.pt"), 0, 0.0
-    if os.path.isfile(ckpt_path):
-        ck = C.load_checkpoint(ckpt_path, map_location=device, per_rank=("buffers",))
-        if ck.get("model_config") != student.config:
-            C.fail(f"{ckpt_path} holds a model of another shape; use a fresh --out or the same "
-                   f"--dataset / --teacher")
-        C.load_weights(student, ck["net"], ckpt_path)
-        if target is not student:  # (a run saved with --target-ema 0 has no separate target)
-            C.load_weights(target, ck["net"] if ck["target"] is None else ck["target"], ckpt_path)
-        opt.load_state_dict(ck["opt"])
-        for name, sd in ck.get("buffers", {}).items():
-            buffers[name].load_state_dict(sd)
-        step, train_time = ck["step"], ck.get("train_time_s", 0.0)
-        if C.is_main():
-            print(f"resuming from {ckpt_path} at step {step}", flush=True)
-    net = DDP(student) if world > 1 else student
+    ckpt_path = os.path.join(cfg.out, "ckpt.pt")
+    ck, step, train_time = H.resume(ckpt_path, device, student.config, {
+        "net": student, "target": target if target is not student else None, "opt": opt, "buffers": buffers})
     shape = (teacher.config["in_ch"], teacher.config["resolution"], teacher.config["resolution"])
-    m = cfg.batch_size // cfg.grad_accum  # trial forward at the training micro-batch shape
-    net = C.maybe_compile(net, torch.zeros(m, *shape, device=device), torch.rand(m, device=device),
-                          *((torch.zeros(m, dtype=torch.long, device=device), torch.ones(m, device=device))
-                            if guided else ()), enabled=cfg.compile)
-    if C.is_main():
+    net = H.compile_trial(DDP(student) if world > 1 else student, cfg, shape, labels=guided, w=guided)
+    if H.is_main():
         print(f"lcm_ddil: K={K}, grid {N}, betas (data, teacher, student) = {betas}, bound "
               f"{cfg.bound}" + (f", w ~ U[{cfg.w_min:g}, {cfg.w_max:g}]" if nc else "") +
               f", global batch {cfg.batch_size * world}, {device}", flush=True)
@@ -288,16 +269,16 @@ def main(argv=None):
                 guidance_weights(n, *w_range, device))
 
     import evaluate as E  # after init_dist: evaluation splits sampling over ranks
-    ev = dict(dataset=cfg.dataset, bound=cfg.sample_bound, seed=cfg.seed, device=device,
+    protocol = dict(dataset=cfg.dataset, bound=cfg.sample_bound, seed=cfg.seed, device=device,
               data_dir=cfg.data_dir, w=w_eval)
-    batches = C.Batches(data, cfg.batch_size, cfg.seed, rank, world, device)
-    log = C.Logger(cfg.out, cfg.iters, step, desc="lcm_ddil")
+    batches = H.Batches(data, cfg.batch_size, cfg.seed, rank, world, device)
+    log = H.Logger(cfg.out, cfg.iters, step, desc="lcm_ddil")
     while step < cfg.iters:
         t0 = time.time()
-        C.step_seed(cfg.seed, rank, step)
+        H.step_seed(cfg.seed, rank, step)
         n_data, n_teacher, n_student = C.source_counts(
             cfg.batch_size, C.ramped_betas(betas, step / cfg.iters, cfg.beta_ramp))
-        refresh = cfg.refresh * cfg.refresh_every if step % cfg.refresh_every == 0 else 0
+        refresh = cfg.refresh if step % cfg.refresh_every == 0 else 0
         x0, y0 = batches.get(step)
         x, t, y, w, src = C.cat_states(
             data_states(x0[:n_data], y0[:n_data], guidance_weights(n_data, *w_range, device), N),
@@ -311,15 +292,15 @@ def main(argv=None):
         log.update()
         if step % cfg.log_every == 0 or step == cfg.iters:
             loss = losses.mean().item()
-            C.check_finite_loss({"loss": loss}, step, ckpt_path)
+            H.check_finite_loss({"loss": loss}, step, ckpt_path)
             per_src = {f"loss_{s}": losses[src == i].mean().item()
                        for i, s in enumerate(C.SOURCES) if (src == i).any()}
             log.log(step, loss=loss, train_s=round(train_time, 3), **per_src)
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iters):
             log.log(step, train_s=round(train_time, 3),
-                    **E.fd_during_training(student, "renoise", K, cfg.eval_every_samples, **ev))
+                    **E.fd_during_training(student, "renoise", K, cfg.eval_every_samples, **protocol))
         if step % cfg.ckpt_every == 0 or step == cfg.iters:
-            C.save_checkpoint(ckpt_path, {
+            H.save_checkpoint(ckpt_path, {
                 "net": student.state_dict(), "model_config": student.config, "sampler": "renoise",
                 "steps": K, "w": w_eval, "config": asdict(cfg), "step": step,
                 "train_time_s": train_time, "opt": opt.state_dict(),
@@ -332,15 +313,15 @@ def main(argv=None):
 
     def imitation_error(x_t, t, y):  # the CD loss at a state, at the evaluation's w
         n_t = torch.full((len(x_t),), round(t * N), device=device)
-        with torch.no_grad(), C.autocast(device, cfg.bf16):
+        with torch.no_grad(), H.autocast(device, cfg.bf16):
             return consistency_loss(student, target, teacher, x_t, n_t, N, y, w_eval, cfg.bound,
                                     cfg.loss, cfg.huber_c)
     ks = sorted({1, 2, K})
-    E.final_evaluation(cfg.out, student, "renoise", ks, teacher, ks + [cfg.teacher_steps],
+    E.final_evaluation(cfg.out, student, "renoise", ks, teacher, ks + [cfg.reference_steps],
                                 cfg.eval_samples, imitation_error, cfg.shift_samples, extra={
                                     "it_per_s": step / train_time if train_time > 0 else None,
-                                    "train_time_s": train_time, "config": asdict(cfg)}, **ev)
-    C.barrier()
+                                    "train_time_s": train_time, "config": asdict(cfg)}, **protocol)
+    H.barrier()
     return student
 
 

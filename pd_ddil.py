@@ -47,6 +47,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common as C
+import harness as H
+from teacher import load_teacher
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Config:
     cond: bool = False             # the default teacher is the class-conditional one
     guidance: float = 0.0          # classifier-free guidance of the first teacher (conditional only)
     teacher_steps: int = 64        # the first stage's teacher sampler
+    reference_steps: int = 64      # the many-step teacher row beside the student
     steps: int = 4                 # K, the final student's sampler; teacher_steps / 2^stages
     iters_per_stage: int = 400
     iters: int = 0                 # stop after this many iterations in all (0 = every stage); rerun resumes
@@ -86,7 +89,7 @@ class Config:
     compile: bool = False          # torch.compile the student's training forward (eager on failure)
     grad_accum: int = 1            # micro-batches per step (batch_size / grad_accum each; DDP no_sync)
 
-    CHOICES = {"bound": C.BOUNDS, "sample_bound": C.BOUNDS, "dataset": tuple(C.DATASETS)}
+    CHOICES = {"bound": C.BOUNDS, "sample_bound": C.BOUNDS, "dataset": tuple(H.DATASETS)}
 
 
 PRESETS = {  # per-process batch for 8 GPUs: 8 x 16 = 128, the published CIFAR-10 batch; on one GPU
@@ -94,7 +97,7 @@ PRESETS = {  # per-process batch for 8 GPUs: 8 x 16 = 128, the published CIFAR-1
     # stage, 50k iterations per stage, grad-clip 1, no EMA, no dropout (the student trains in eval mode)
     "cifar10": dict(lr=5e-5, iters_per_stage=50_000, batch_size=16, eval_samples=50_000,
                     ckpt_every=5000, log_every=100),
-    # not a published recipe (DESIGN names none for PD at 64x64): the CIFAR-10 one at the same batch
+    # not a published recipe (PD published none at 64x64): the CIFAR-10 one at the same batch
     "imagenet64": dict(lr=5e-5, iters_per_stage=50_000, batch_size=16, eval_samples=50_000,
                        ckpt_every=5000, log_every=100, cond=True),
 }
@@ -104,7 +107,7 @@ def stage_steps(teacher_steps, steps):
     """The students' step counts, one per stage: 64, 4 -> [32, 16, 8, 4]."""
     ratio = teacher_steps // steps if steps > 0 else 0
     if steps <= 0 or ratio < 2 or ratio * steps != teacher_steps or ratio & (ratio - 1):
-        C.fail(f"--steps {steps} is not reachable by halving --teacher-steps {teacher_steps}: "
+        H.fail(f"--steps {steps} is not reachable by halving --teacher-steps {teacher_steps}: "
                f"use teacher_steps / 2^k with k >= 1 (e.g. --steps {max(1, teacher_steps // 16)})")
     return [teacher_steps >> k for k in range(1, int(math.log2(ratio)) + 1)]
 
@@ -133,7 +136,7 @@ def pd_loss(student, teacher, x_t, t, N, bound, y=None, w=0.0, bf16=True):
     student is a plain conditional network (it learns the guided teacher's steps)."""
     x_tilde = pd_target(teacher, x_t, t, N, bound, y, w)
     alpha, sigma = (C.bcast(c, x_t) for c in C.alpha_sigma(t))
-    with C.autocast(x_t.device, bf16):
+    with H.autocast(x_t.device, bf16):
         v = student(x_t, t, y)
     x0 = alpha * x_t - sigma * v.float()  # unbounded: see the module docstring
     weight = torch.exp(C.logsnr(t)).clamp(min=1.0).to(x_t.device)
@@ -147,7 +150,7 @@ def train_step(net, student, teacher, opt, x_t, t, y, w, N, lr, cfg):
         g["lr"] = lr
     opt.zero_grad(set_to_none=True)
     loss = 0.0
-    for sync, (x_m, t_m, y_m) in C.micro_batches(net, cfg.grad_accum, x_t, t, y):
+    for sync, (x_m, t_m, y_m) in H.micro_batches(net, cfg.grad_accum, x_t, t, y):
         with sync:
             loss_m = pd_loss(net, teacher, x_m, t_m, N, cfg.bound, y_m, w, cfg.bf16).mean()
             (loss_m / cfg.grad_accum).backward()
@@ -164,8 +167,7 @@ def train_step(net, student, teacher, opt, x_t, t, y, w, N, lr, cfg):
 def data_states(x0, y, N):
     """x_t = alpha x0 + sigma eps at grid times t = i/N, i ~ U{1..N}."""
     t = torch.randint(1, N + 1, (x0.shape[0],), device=x0.device).float() / N
-    alpha, sigma = (C.bcast(c, x0) for c in C.alpha_sigma(t))
-    return alpha * x0 + sigma * torch.randn_like(x0), t, y, None
+    return C.diffuse(x0, t), t, y, None
 
 
 @torch.no_grad()
@@ -182,7 +184,7 @@ def rollout_states(net, x1, y, w, N, sub, bound):
 def stage_teacher(ck, path, device):
     """The teacher of the stage a checkpoint was written in (frozen)."""
     teacher = C.UNet(**ck["teacher_config"]).to(device)
-    C.load_weights(teacher, ck["teacher"], what=path)
+    H.load_weights(teacher, ck["teacher"], what=path)
     return teacher.eval().requires_grad_(False)
 
 
@@ -190,59 +192,54 @@ def stage_teacher(ck, path, device):
 # training
 # ----------------------------------------------------------------------------------------------
 
-def main(argv=None):
-    cfg = C.parse_config(Config, argv, PRESETS)
-    cfg.out = cfg.out or os.path.join("runs", f"pd_ddil-{cfg.dataset}{'-cond' if cfg.cond else ''}")
+def check(cfg):
+    """One-line errors for bad flags, before any work; returns (the stages' step counts, betas)."""
     stages = stage_steps(cfg.teacher_steps, cfg.steps)
-    C.check_positive(cfg, "iters_per_stage", "batch_size", "buffer_size", "refresh",
+    H.check_positive(cfg, "iters_per_stage", "batch_size", "buffer_size", "refresh",
                      "eval_samples", "stage_eval_samples", "shift_samples", "ckpt_every",
-                     "log_every", "grad_accum")
+                     "log_every", "grad_accum", "reference_steps")
     if cfg.batch_size % cfg.grad_accum:
-        C.fail(f"--batch-size {cfg.batch_size} is not a multiple of --grad-accum {cfg.grad_accum}")
+        H.fail(f"--batch-size {cfg.batch_size} is not a multiple of --grad-accum {cfg.grad_accum}")
     if cfg.iters < 0 or cfg.refresh_every < 0 or cfg.lr <= 0 or cfg.guidance < 0:
-        C.fail("--iters, --refresh-every and --guidance must be >= 0 and --lr > 0")
-    betas = C.check_ddil(cfg)
-    C.check_out_dir(cfg.out)  # --out naming a file: one line, before any work
-    rank, world, device = C.init_dist(cfg.device)
-    data = C.load_dataset(cfg.dataset, cfg.data_dir)
-    ckpt_path = os.path.join(cfg.out, "ckpt.pt")
-    ck = C.load_checkpoint(ckpt_path, device, per_rank=("buffers",)) if os.path.isfile(ckpt_path) else None
-    if ck is not None:  # a resume must continue the same schedule, or it is not the same run
-        old = ck.get("config", {})
-        for k in ("teacher_steps", "steps", "iters_per_stage", "batch_size", "seed", "guidance"):
-            if old.get(k) != getattr(cfg, k):
-                C.fail(f"{ckpt_path} was trained with --{k.replace('_', '-')} {old.get(k)}, not "
-                       f"{getattr(cfg, k)}: pass the same value to resume, or a fresh --out")
-    teacher0, _ = C.load_teacher(cfg.teacher, cfg.dataset, device, cfg.cond)
-    C.save_config(cfg, cfg.out)
+        H.fail("--iters, --refresh-every and --guidance must be >= 0 and --lr > 0")
+    return stages, H.check_ddil(cfg)
+
+
+def check_same_schedule(ck, cfg, path):
+    """A resume must continue the same stage schedule, or it is not the same run."""
+    for k in ("teacher_steps", "steps", "iters_per_stage", "batch_size", "seed", "guidance"):
+        if ck["config"].get(k) != getattr(cfg, k):
+            H.fail(f"{path} was trained with --{k.replace('_', '-')} {ck['config'].get(k)}, not "
+                   f"{getattr(cfg, k)}: pass the same value to resume, or a fresh --out")
+
+
+def main(argv=None):
+    cfg = H.parse_config(Config, argv, PRESETS)
+    stages, betas = check(cfg)
+    rank, world, device, data = H.setup(cfg, "pd_ddil")
+    teacher0, _ = load_teacher(cfg.teacher, cfg.dataset, device, cfg.cond)
     nc = teacher0.num_classes
     w_guide = cfg.guidance if nc else 0.0  # the first teacher's guidance; later stages are plain
 
     student = C.student_of(teacher0)  # the student starts as a copy of the teacher, no dropout
-    step, train_time = 0, 0.0
+    ckpt_path = os.path.join(cfg.out, "ckpt.pt")
+    ck, step, train_time = H.resume(ckpt_path, device, student.config, {"net": student})
     if ck is not None:
-        C.load_weights(student, ck["net"], what=ckpt_path)
-        step, train_time = ck["step"], ck["train_time_s"]
-        if C.is_main():
-            print(f"resuming from {ckpt_path} at step {step} (stage {ck['stage']})", flush=True)
-    net = DDP(student) if world > 1 else student
+        check_same_schedule(ck, cfg, ckpt_path)
     shape = (student.config["in_ch"], student.config["resolution"], student.config["resolution"])
-    m = cfg.batch_size // cfg.grad_accum  # trial forward at the training micro-batch shape
-    net = C.maybe_compile(net, torch.zeros(m, *shape, device=device), torch.rand(m, device=device),
-                          torch.zeros(m, dtype=torch.long, device=device) if nc else None,
-                          enabled=cfg.compile)
+    net = H.compile_trial(DDP(student) if world > 1 else student, cfg, shape, labels=nc > 0)
     ips, total = cfg.iters_per_stage, len(stages) * cfg.iters_per_stage
     stop = min(cfg.iters or total, total)
-    batches = C.Batches(data, cfg.batch_size, cfg.seed, rank, world, device)
-    log = C.Logger(cfg.out, total, step, desc="pd_ddil")
-    if C.is_main():
+    batches = H.Batches(data, cfg.batch_size, cfg.seed, rank, world, device)
+    log = H.Logger(cfg.out, total, step, desc="pd_ddil")
+    if H.is_main():
         print(f"pd_ddil: stages {cfg.teacher_steps} -> {' -> '.join(map(str, stages))}, "
               f"{ips} iterations each; batch {cfg.batch_size} x {world}, betas {betas} "
               f"(data, teacher, student); bound {cfg.bound}" + (f"; guidance w {w_guide:g}" if nc else "")
               + f"; {device}", flush=True)
     import evaluate as E  # after init_dist: evaluation splits sampling over ranks
     # the student is sampled plainly (w = 0): it has learnt the guided teacher's steps
-    ev = dict(dataset=cfg.dataset, bound=cfg.sample_bound, seed=cfg.seed, device=device,
+    protocol = dict(dataset=cfg.dataset, bound=cfg.sample_bound, seed=cfg.seed, device=device,
               data_dir=cfg.data_dir, w=0.0)
 
     def new_trajectories(n):  # noise and labels of n fresh rollouts
@@ -252,22 +249,22 @@ def main(argv=None):
         if step >= stop:
             break
         N, w = stages[stage], (w_guide if stage == 0 else 0.0)
-        if ck is not None and ck["stage"] == stage:  # resuming mid-stage: restore its state
+        resuming = ck is not None and ck["stage"] == stage  # mid-stage: restore its state
+        if resuming:
             teacher = stage_teacher(ck, ckpt_path, device)
-            opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
-            opt.load_state_dict(ck["opt"])
-            buffers = {k: C.MixingBuffer(cfg.buffer_size) for k in ("teacher", "student")}
-            for k, sd in ck.get("buffers", {}).items():
-                buffers[k].load_state_dict(sd)
         else:  # a new stage: the student becomes the teacher; fresh optimiser and buffers
             teacher = teacher0 if stage == 0 else copy.deepcopy(student).eval().requires_grad_(False)
-            opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
-            buffers = {k: C.MixingBuffer(cfg.buffer_size) for k in ("teacher", "student")}
+        opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+        buffers = {k: C.MixingBuffer(cfg.buffer_size) for k in ("teacher", "student")}
+        if resuming:
+            opt.load_state_dict(ck["opt"])
+            for k, sd in ck.get("buffers", {}).items():
+                buffers[k].load_state_dict(sd)
         ck = None
         every = cfg.refresh_every or N
         while step < min((stage + 1) * ips, stop):
             t0 = time.time()
-            C.step_seed(cfg.seed, rank, step)
+            H.step_seed(cfg.seed, rank, step)
             j = step - stage * ips  # iteration within the stage
             n_data, n_teacher, n_student = C.source_counts(
                 cfg.batch_size, C.ramped_betas(betas, step / total, cfg.beta_ramp))
@@ -286,15 +283,15 @@ def main(argv=None):
             log.update()
             if step % cfg.log_every == 0 or step == stop:
                 loss_v = loss.item()
-                C.check_finite_loss({"loss": loss_v}, step, ckpt_path)
+                H.check_finite_loss({"loss": loss_v}, step, ckpt_path)
                 log.log(step, stage=stage, N=N, loss=loss_v, lr=opt.param_groups[0]["lr"],
                         train_s=round(train_time, 3))
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
                 # the student of every stage sampled at the final K: one curve across stages
                 log.log(step, stage=stage, train_s=round(train_time, 3),
-                        **E.fd_during_training(student, "ddim", cfg.steps, cfg.eval_every_samples, **ev))
+                        **E.fd_during_training(student, "ddim", cfg.steps, cfg.eval_every_samples, **protocol))
             if step % cfg.ckpt_every == 0 or step == stop or step == (stage + 1) * ips:
-                C.save_checkpoint(ckpt_path, {
+                H.save_checkpoint(ckpt_path, {
                     "net": student.state_dict(), "model_config": student.config, "sampler": "ddim",
                     "steps": N, "w": w_guide, "config": asdict(cfg), "teacher": teacher.state_dict(),
                     "teacher_config": teacher.config, "opt": opt.state_dict(), "step": step,
@@ -302,11 +299,11 @@ def main(argv=None):
                     "buffers": {k: b.state_dict() for k, b in buffers.items()}}, per_rank=("buffers",))
         if step < (stage + 1) * ips:  # stopped by --iters mid-stage; the checkpoint is written
             break
-        m, _ = E.evaluate_net(student, "ddim", N, cfg.stage_eval_samples, **ev)
-        log.log(step, stage=stage, N=N, stage_fd=m["fd"])
+        stage_metrics, _ = E.evaluate_net(student, "ddim", N, cfg.stage_eval_samples, **protocol)
+        log.log(step, stage=stage, N=N, stage_fd=stage_metrics["fd"])
     log.close()
     if step < total:
-        if C.is_main():
+        if H.is_main():
             print(f"stopped at step {step} of {total}; rerun the same command to resume", flush=True)
         return student
 
@@ -320,11 +317,11 @@ def main(argv=None):
         with torch.no_grad():
             return pd_loss(student, teacher, x_t, torch.full((len(x_t),), t, device=device), K,
                            cfg.bound, y, w, cfg.bf16)
-    E.final_evaluation(cfg.out, student, "ddim", [K], teacher0, sorted({K, 64}), cfg.eval_samples,
+    E.final_evaluation(cfg.out, student, "ddim", [K], teacher0, sorted({K, cfg.reference_steps}), cfg.eval_samples,
                        imitation_error, cfg.shift_samples, w_student=0.0,
                        extra={"it_per_s": total / max(train_time, 1e-9), "train_time_s": train_time,
-                              "config": asdict(cfg)}, **{**ev, "w": w_guide})
-    C.barrier()
+                              "config": asdict(cfg)}, **{**protocol, "w": w_guide})
+    H.barrier()
     return student
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common as C
+import harness as H
 
 
 @dataclass
@@ -56,20 +57,20 @@ def build_model(cfg):
     preset = cfg.dataset if cfg.dataset in C.MODEL_PRESETS else None
     if preset is None:  # mnist: the digits network widened for 28x28
         return C.build_unet("digits", resolution=28, ch=64, attn_res=(7,), num_classes=10 if cfg.cond else 0)
-    return C.build_unet(preset, num_classes=C.DATASETS[cfg.dataset][2] if cfg.cond else 0)
+    return C.build_unet(preset, num_classes=H.DATASETS[cfg.dataset][2] if cfg.cond else 0)
 
 
 def main(argv=None):
-    cfg = C.parse_config(Config, argv, PRESETS)
-    cfg.out = cfg.out or os.path.dirname(C.default_teacher_path(cfg.dataset, cfg.cond))
-    C.check_positive(cfg, "iters", "batch_size", "log_every", "ckpt_every", "grad_accum",
+    cfg = H.parse_config(Config, argv, PRESETS)
+    cfg.out = cfg.out or os.path.dirname(H.default_teacher_path(cfg.dataset, cfg.cond))
+    H.check_positive(cfg, "iters", "batch_size", "log_every", "ckpt_every", "grad_accum",
                      "sample_count")
     if cfg.batch_size % cfg.grad_accum:
-        C.fail(f"--batch-size {cfg.batch_size} is not a multiple of --grad-accum {cfg.grad_accum}")
-    C.check_out_dir(cfg.out)  # --out naming a file: one line, before any work
-    rank, world, device = C.init_dist(cfg.device)
-    data = C.load_dataset(cfg.dataset, cfg.data_dir)
-    C.save_config(cfg, cfg.out)
+        H.fail(f"--batch-size {cfg.batch_size} is not a multiple of --grad-accum {cfg.grad_accum}")
+    H.check_out_dir(cfg.out)  # --out naming a file: one line, before any work
+    rank, world, device = H.init_dist(cfg.device)
+    data = H.load_dataset(cfg.dataset, cfg.data_dir)
+    H.save_config(cfg, cfg.out)
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and in every run
     model = build_model(cfg).to(device)
@@ -77,36 +78,36 @@ def main(argv=None):
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     ckpt_path, step = os.path.join(cfg.out, "ckpt.pt"), 0
     if os.path.isfile(ckpt_path):
-        ck = C.load_checkpoint(ckpt_path, map_location=device)
+        ck = H.load_checkpoint(ckpt_path, map_location=device)
         if ck.get("model_config") != model.config:
-            C.fail(f"{ckpt_path} holds a model of another shape ({ck.get('model_config')}); "
+            H.fail(f"{ckpt_path} holds a model of another shape ({ck.get('model_config')}); "
                    f"use a fresh --out or the same --dataset/--cond")
-        C.load_weights(model, ck["model"]), C.load_weights(ema, ck["ema"])
+        H.load_weights(model, ck["model"]), H.load_weights(ema, ck["ema"])
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
-        if C.is_main():
+        if H.is_main():
             print(f"resuming from {ckpt_path} at step {step}", flush=True)
     net = DDP(model) if world > 1 else model
-    ch, res, _ = C.DATASETS[cfg.dataset]
+    ch, res, _ = H.DATASETS[cfg.dataset]
     m = cfg.batch_size // cfg.grad_accum  # trial forward at the training micro-batch shape
-    net = C.maybe_compile(net, torch.zeros(m, ch, res, res, device=device), torch.rand(m, device=device),
+    net = H.maybe_compile(net, torch.zeros(m, ch, res, res, device=device), torch.rand(m, device=device),
                           torch.zeros(m, dtype=torch.long, device=device) if cfg.cond else None,
                           enabled=cfg.compile)
-    if C.is_main():
+    if H.is_main():
         print(f"teacher: {C.num_params(model) / 1e6:.2f}M params, global batch "
               f"{cfg.batch_size * world} ({world} x {cfg.batch_size}), {device}", flush=True)
 
-    batches = C.Batches(data, cfg.batch_size, cfg.seed, rank, world, device)
-    log = C.Logger(cfg.out, cfg.iters, step, desc="teacher")
+    batches = H.Batches(data, cfg.batch_size, cfg.seed, rank, world, device)
+    log = H.Logger(cfg.out, cfg.iters, step, desc="teacher")
     null = model.num_classes
 
     def checkpoint():
-        C.save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(),
+        H.save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(),
                                       "opt": opt.state_dict(), "step": step, "config": asdict(cfg),
                                       "model_config": model.config})
 
     while step < cfg.iters:
-        C.step_seed(cfg.seed, rank, step)
+        H.step_seed(cfg.seed, rank, step)
         x0, y = batches.get(step)
         if cfg.cond:
             y = torch.where(torch.rand(y.shape, device=device) < cfg.p_uncond, null, y)
@@ -121,9 +122,9 @@ def main(argv=None):
             g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         opt.zero_grad(set_to_none=True)
         loss = 0.0
-        for sync, (x_m, t_m, y_m, v_m) in C.micro_batches(net, cfg.grad_accum, x_t, t, y, v):
+        for sync, (x_m, t_m, y_m, v_m) in H.micro_batches(net, cfg.grad_accum, x_t, t, y, v):
             with sync:
-                with C.autocast(device, cfg.bf16):
+                with H.autocast(device, cfg.bf16):
                     v_pred = net(x_m, t_m, y_m)
                 loss_m = F.mse_loss(v_pred.float(), v_m) / cfg.grad_accum
                 loss_m.backward()
@@ -135,7 +136,7 @@ def main(argv=None):
         log.update()
         if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.iters:  # never checkpoint a NaN
             loss_v = loss.item()
-            C.check_finite_loss({"loss": loss_v}, step, ckpt_path)
+            H.check_finite_loss({"loss": loss_v}, step, ckpt_path)
             log.log(step, loss=loss_v, lr=opt.param_groups[0]["lr"])
         if step % cfg.ckpt_every == 0 or step == cfg.iters:
             checkpoint()
@@ -146,9 +147,29 @@ def main(argv=None):
     x1 = torch.randn(cfg.sample_count, ch, res, res, device=device)
     y = torch.arange(cfg.sample_count, device=device) % model.num_classes if cfg.cond else None
     samples = C.ddim_sample(C.guided(ema, y), x1, C.time_grid(cfg.sample_steps), "clip")
-    C.save_grid(samples, os.path.join(cfg.out, "samples.png"), nrow=min(8, cfg.sample_count))
-    C.barrier()
+    H.save_grid(samples, os.path.join(cfg.out, "samples.png"), nrow=min(8, cfg.sample_count))
+    H.barrier()
     return ema
+
+
+def load_teacher(path, dataset, device="cpu", cond=False):
+    """The teacher's EMA network (eval mode, frozen) and its saved config dict, for the method
+    scripts. With no path, runs/teacher-<dataset>[-cond]/ckpt.pt; when that is missing, this
+    file trains it first (saying so), so a method script runs end to end on a fresh machine."""
+    if not path:
+        path = H.default_teacher_path(dataset, cond)
+        if not os.path.isfile(path):
+            args = ["--dataset", dataset, "--out", os.path.dirname(path)] + (["--cond"] if cond else [])
+            if H.is_main():
+                print(f"no teacher at {path}: training the default {dataset} teacher first "
+                      f"(python teacher.py {' '.join(args)})", flush=True)
+            main(args)
+            H.barrier()
+    model, _, ck = H.load_net(path, device)
+    if ck.get("config", {}).get("dataset") != dataset:
+        H.fail(f"teacher {path} was trained on {ck.get('config', {}).get('dataset')!r} but --dataset "
+               f"is {dataset!r}; pass a matching --teacher")
+    return model, ck["config"]
 
 
 if __name__ == "__main__":

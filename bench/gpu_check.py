@@ -27,7 +27,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-import common as C  # noqa: E402
+import harness as H  # noqa: E402
 from test_data import write_cifar10  # noqa: E402  (CIFAR-10's real pickle format)
 
 
@@ -87,10 +87,10 @@ def run_one(name, argv, out, warmup):
 
 
 def main(argv=None):
-    cfg = C.parse_config(Config, argv)
+    cfg = H.parse_config(Config, argv)
     bad = [s for s in cfg.scripts if s not in SCRIPTS]
     if bad or cfg.warmup < 1 or cfg.measure < 1 or cfg.batch_size < 0 or cfg.images < 1:
-        C.fail(f"--scripts from {', '.join(SCRIPTS)}; --warmup, --measure, --images >= 1 "
+        H.fail(f"--scripts from {', '.join(SCRIPTS)}; --warmup, --measure, --images >= 1 "
                f"(got {bad or ''} {cfg.warmup} {cfg.measure} {cfg.images})")
     cuda = torch.cuda.is_available() and not cfg.dry
     device = "cuda" if cuda else "cpu"
@@ -130,7 +130,7 @@ def main(argv=None):
     print(f"\ndevice: {torch.cuda.get_device_name() if cuda else 'CPU (dry: bf16 autocast is CUDA-only, so bf16 on = off here)'}; "
           f"total {time.time() - t_start:.0f} s", flush=True)
     if cfg.out:
-        C.write_json({"rows": rows, "device": torch.cuda.get_device_name() if cuda else "cpu"}, cfg.out)
+        H.write_json({"rows": rows, "device": torch.cuda.get_device_name() if cuda else "cpu"}, cfg.out)
     return rows
 
 
@@ -144,7 +144,7 @@ def measure(cfg, tmp, data, device, cuda):
         "teacher": ["--sample-count", "2", "--sample-steps", "2"],
         "pd_ddil": ["--refresh", "2" if cfg.dry else "16", "--teacher-steps", "8", "--steps", "2",
                     "--shift-samples", "4"],
-        "lcm_ddil": ["--eval-samples", "4" if cfg.dry else "16", "--teacher-steps", "2",
+        "lcm_ddil": ["--eval-samples", "4" if cfg.dry else "16", "--reference-steps", "2",
                      "--steps", "2", "--grid", "2" if cfg.dry else "48", "--refresh", "1",
                      "--buffer-size", "64", "--shift-samples", "4"],
         "dmd2_ddil": ["--eval-samples", "4" if cfg.dry else "16", "--shift-samples", "4",

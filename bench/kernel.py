@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
+import harness as H  # noqa: E402
 
 
 @dataclass
@@ -149,10 +150,10 @@ def tolerance(dtype, ref):
 
 
 def main(argv=None):
-    cfg = C.parse_config(Config, argv)
+    cfg = H.parse_config(Config, argv)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        C.fail(f"--device {cfg.device} asked for, but CUDA is not available: use --device cpu")
+        H.fail(f"--device {cfg.device} asked for, but CUDA is not available: use --device cpu")
     sizes = DRY_SIZES if cfg.dry else cfg.sizes
     reps, warmup = (3, 1) if cfg.dry else (cfg.reps, cfg.warmup)
     shapes = []
@@ -160,15 +161,15 @@ def main(argv=None):
         try:
             shapes.append(tuple(int(d) for d in s.lower().split("x")))
         except ValueError:
-            C.fail(f"--sizes takes shapes like 128x3x32x32, got {s!r}")
+            H.fail(f"--sizes takes shapes like 128x3x32x32, got {s!r}")
     for d in cfg.dtypes:
         if d not in ("float32", "bfloat16", "float16"):
-            C.fail(f"--dtypes takes float32, bfloat16 or float16, got {d!r}")
+            H.fail(f"--dtypes takes float32, bfloat16 or float16, got {d!r}")
     for b in cfg.bounds:
         if b not in C.BOUNDS:
-            C.fail(f"--bounds takes {', '.join(C.BOUNDS)}, got {b!r}")
+            H.fail(f"--bounds takes {', '.join(C.BOUNDS)}, got {b!r}")
     if cfg.reps <= 0:
-        C.fail(f"--reps must be positive, got {cfg.reps}")
+        H.fail(f"--reps must be positive, got {cfg.reps}")
 
     # the Triton kernel runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (slow)
     use_triton = C.triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
@@ -245,12 +246,12 @@ def main(argv=None):
         cfg.out = ""  # a dry run never overwrites the measured bench/kernel.json
     if cfg.out:
         os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-        C.write_json({"device": name, "peak_gbps": peak, "torch": torch.__version__,
+        H.write_json({"device": name, "peak_gbps": peak, "torch": torch.__version__,
                       "triton": getattr(C.triton, "__version__", None), "config": asdict(cfg),
                       "rows": rows, "summary": summary}, cfg.out)
         print(f"wrote {cfg.out}")
     if failed:
-        C.fail("an implementation disagrees with the eager reference beyond tolerance (see 'max err')")
+        H.fail("an implementation disagrees with the eager reference beyond tolerance (see 'max err')")
     return rows
 
 

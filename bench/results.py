@@ -59,7 +59,7 @@ from datetime import datetime, timezone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import common as C  # noqa: E402
+import harness as H  # noqa: E402
 
 
 @dataclass
@@ -105,7 +105,7 @@ BUDGETS = {  # per-script flags; "ablation_seeds": how many of --seeds the ablat
                      "--stage-eval-samples", "16", "--shift-samples", "16", "--log-every", "1",
                      "--eval-every", "4", "--eval-every-samples", "16"],
               "lcm": ["--iters", "3", "--batch-size", "8", "--buffer-size", "32", "--refresh", "2",
-                      "--refresh-every", "1", "--eval-samples", "32", "--teacher-steps", "8",
+                      "--refresh-every", "1", "--eval-samples", "32", "--reference-steps", "8",
                       "--log-every", "1", "--eval-every", "2", "--eval-every-samples", "16"],
               "dmd2": ["--iters", "3", "--batch-size", "8", "--buffer-size", "16", "--refresh", "2",
                        "--teacher-substeps", "2", "--fake-updates", "2", "--eval-samples", "32",
@@ -128,11 +128,11 @@ def plan(cfg):
     runs {name: (method, steps, betas, bound, seed, ramp)}."""
     only = {s.strip() for s in cfg.only.split(",") if s.strip()}
     if not only or only - set(SCRIPTS) - {"ablation"}:
-        C.fail(f"--only {cfg.only!r}: give a comma-separated subset of {','.join(SCRIPTS)},ablation")
+        H.fail(f"--only {cfg.only!r}: give a comma-separated subset of {','.join(SCRIPTS)},ablation")
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
-        C.fail(f"--seeds {cfg.seeds}: give distinct seeds, e.g. --seeds 0 1 2")
+        H.fail(f"--seeds {cfg.seeds}: give distinct seeds, e.g. --seeds 0 1 2")
     if cfg.jobs <= 0:
-        C.fail(f"--jobs must be positive, got {cfg.jobs}")
+        H.fail(f"--jobs must be positive, got {cfg.jobs}")
     groups, runs = {}, {}
 
     def add(label, kind, method, variant, steps, betas, bound, seeds, ramp=0.0):
@@ -491,7 +491,7 @@ def check_against(res, path):
     KID, precision, recall; rows with one seed on either side are compared by value). Returns
     (agreeing, compared, lines for the disagreements)."""
     if not os.path.isfile(path):
-        C.fail(f"--check {path} does not exist: give a results.json written by this script")
+        H.fail(f"--check {path} does not exist: give a results.json written by this script")
     old = {(r["group"], r["K"]): r for r in read_json(path)["rows"]}
     agree, compared, bad = 0, 0, []
     for r in res["rows"]:
@@ -510,13 +510,13 @@ def check_against(res, path):
 
 
 def main(argv=None):
-    cfg = C.parse_config(Config, argv)
+    cfg = H.parse_config(Config, argv)
     cfg.runs_dir = cfg.runs_dir or os.path.join("bench", "out", cfg.budget)
     command = "python bench/results.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     print(f"command: {command}", flush=True)
     groups, runs = plan(cfg)
     if cfg.teacher and not os.path.isfile(cfg.teacher):
-        C.fail(f"--teacher {cfg.teacher} does not exist: train one with teacher.py or leave --teacher out")
+        H.fail(f"--teacher {cfg.teacher} does not exist: train one with teacher.py or leave --teacher out")
     # the scripts run in the repository root: make relative paths the caller's
     cfg.runs_dir, cfg.out = os.path.abspath(cfg.runs_dir), os.path.abspath(cfg.out)
     cfg.teacher = os.path.abspath(cfg.teacher) if cfg.teacher else ""
@@ -531,7 +531,7 @@ def main(argv=None):
         print(f"check against {cfg.check}: {agree} of {compared} row metrics inside the committed "
               f"spread" + "".join(f"\n  {b}" for b in bad), flush=True)
     os.makedirs(cfg.out, exist_ok=True)
-    C.write_json(res, os.path.join(cfg.out, "results.json"))
+    H.write_json(res, os.path.join(cfg.out, "results.json"))
     with open(os.path.join(cfg.out, "table.md"), "w") as fh:
         fh.write(table_md(res) + "\n")
     written = plots(res, cfg.out)
@@ -539,7 +539,7 @@ def main(argv=None):
           f"in {cfg.out}", flush=True)
 
     if failed:
-        C.fail(f"{len(failed)} runs failed ({', '.join(failed)}): see their stdout.log; rerun to retry them")
+        H.fail(f"{len(failed)} runs failed ({', '.join(failed)}): see their stdout.log; rerun to retry them")
     return res
 
 

@@ -47,11 +47,11 @@ def proc_kb(path, keys, match=None):
 
 def worker(data_dir, sync, index, count, mode):
     sys.path.insert(0, ROOT)
-    import common as C
+    import harness as H
     if mode == "memory":  # the loader's own fallback, as where --data-dir is not writable
-        C._write_cache = lambda *args: None
+        H._write_cache = lambda *args: None
     before = proc_kb("/proc/self/smaps_rollup", ["Anonymous", "Rss"])
-    x, y = C.load_dataset("imagenet64", data_dir)
+    x, y = H.load_dataset("imagenet64", data_dir)
     step = 4096
     xn = x.numpy()  # numpy's buffered reduction: no int64 copy of a chunk, unlike torch's sum
     total = sum(int(xn[i:i + step].sum(dtype=np.uint64)) for i in range(0, len(xn), step))  # every byte
@@ -103,9 +103,9 @@ def main():
         for count in (1, 2):
             rows[("in memory", count)] = run(data_dir, count, "memory")
         sys.path.insert(0, ROOT)
-        import common as C
+        import harness as H
         t = time.time()
-        C.load_dataset("imagenet64", data_dir)  # the one-time conversion
+        H.load_dataset("imagenet64", data_dir)  # the one-time conversion
         print(f"conversion to the .npy cache: {time.time() - t:.1f} s", flush=True)
         for count in (1, 2):
             rows[("memory map", count)] = run(data_dir, count, "map")

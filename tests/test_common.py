@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common as C
+import harness as H
 
 
 # ---- schedule -------------------------------------------------------------------------------
@@ -30,7 +31,7 @@ def test_v_parameterisation_round_trip():
     x = a * x0 + s * eps
     v = C.v_from_x0_eps(x0, eps, a, s)
     torch.testing.assert_close(C.x0_from_v(x, v, a, s), x0)
-    torch.testing.assert_close(C.eps_from_v(x, v, a, s), eps)
+    torch.testing.assert_close(s * x + a * v, eps)  # eps_hat = sigma x_t + alpha v
 
 
 # ---- reflection and the reference step --------------------------------------------------------
@@ -207,10 +208,10 @@ def test_source_counts():
         for betas in [(0.25, 0.25, 0.5), (0.1, 0.2, 0.7), (0.34, 0.33, 0.33)]:
             c = C.source_counts(B, betas)
             assert sum(c) == B and all(abs(n - B * b) <= 1 for n, b in zip(c, betas))
-    assert C.check_betas(2, 0, 2) == (0.5, 0, 0.5)
+    assert H.check_betas(2, 0, 2) == (0.5, 0, 0.5)
     for bad in [(-1, 1, 0), (0, 0, 0)]:
         with pytest.raises(SystemExit, match="error"):
-            C.check_betas(*bad)
+            H.check_betas(*bad)
 
 
 def test_ramped_betas_and_shared_ddil_flags():
@@ -224,11 +225,11 @@ def test_ramped_betas_and_shared_ddil_flags():
         assert sum(b) == pytest.approx(1.0) and b[1] == 0.25
     cfg = types.SimpleNamespace(beta_data=1.0, beta_teacher=0.0, beta_student=1.0, beta_ramp=0.5,
                                 eval_every=0, eval_every_samples=250)
-    assert C.check_ddil(cfg) == (0.5, 0.0, 0.5)
+    assert H.check_ddil(cfg) == (0.5, 0.0, 0.5)
     for field, bad, msg in (("beta_ramp", 1.5, "--beta-ramp"), ("eval_every", -1, "--eval-every"),
                             ("eval_every_samples", 0, "--eval-every-samples")):
         with pytest.raises(SystemExit, match=msg):
-            C.check_ddil(types.SimpleNamespace(**{**vars(cfg), field: bad}))
+            H.check_ddil(types.SimpleNamespace(**{**vars(cfg), field: bad}))
 
 
 def test_buffer_stores_detached_and_keeps_dtype_and_conditioning():
@@ -308,10 +309,10 @@ def test_buffer_state_dict_round_trip():
 def test_checkpoint_round_trip_is_atomic_and_weights_only(tmp_path):
     net = C.build_unet("digits")
     path = str(tmp_path / "ckpt.pt")
-    C.save_checkpoint(path, {"net": net.state_dict(), "model_config": net.config, "step": 7,
+    H.save_checkpoint(path, {"net": net.state_dict(), "model_config": net.config, "step": 7,
                              "sampler": "ddim", "config": {"dataset": "digits"}})
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
-    loaded, kind, ck = C.load_net(path)
+    loaded, kind, ck = H.load_net(path)
     assert kind == "ddim" and ck["step"] == 7
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))
 
@@ -319,11 +320,11 @@ def test_checkpoint_round_trip_is_atomic_and_weights_only(tmp_path):
 def test_wrong_shape_checkpoint_is_one_line_error(tmp_path):
     small, big = C.build_unet("digits"), C.build_unet("digits", ch=32)
     with pytest.raises(SystemExit) as e:
-        C.load_weights(big, small.state_dict())
+        H.load_weights(big, small.state_dict())
     msg = str(e.value)
     assert msg.startswith("error:") and "\n" not in msg and "(96, 24)" in msg and "(128, 32)" in msg
     with pytest.raises(SystemExit, match="not found"):
-        C.load_checkpoint(str(tmp_path / "missing.pt"))
+        H.load_checkpoint(str(tmp_path / "missing.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="could not load"):
-        C.load_checkpoint(str(tmp_path / "junk.pt"))
+        H.load_checkpoint(str(tmp_path / "junk.pt"))

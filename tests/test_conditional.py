@@ -16,7 +16,7 @@ SMALL = ["--batch-size", "8", "--eval-samples", "30", "--shift-samples", "8", "-
 METHODS = {
     "pd": (P.main, ["--teacher-steps", "4", "--steps", "2", "--iters-per-stage", "2",
                     "--stage-eval-samples", "10", "--guidance", "2"], "2"),
-    "lcm": (L.main, ["--iters", "2", "--steps", "2", "--grid", "4", "--teacher-steps", "4",
+    "lcm": (L.main, ["--iters", "2", "--steps", "2", "--grid", "4", "--reference-steps", "4",
                      "--refresh-every", "1"], "2"),
     "dmd2": (D.main, ["--iters", "2", "--steps", "2", "--teacher-substeps", "2", "--guidance", "2",
                       "--fake-updates", "1"], "2"),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import common as C
+import harness as H
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,16 +100,16 @@ def write_image_folder(root, classes=("n01440764", "n01443537"), per_class=2, sp
 
 def test_cifar10_pickles(tmp_path, monkeypatch):
     (train_x, train_y), (test_x, test_y) = write_cifar10(tmp_path)
-    x, y = C.load_dataset("cifar10", str(tmp_path))
+    x, y = H.load_dataset("cifar10", str(tmp_path))
     assert x.dtype == torch.uint8 and x.shape == (30, 3, 32, 32) and y.dtype == torch.long
     assert torch.equal(x, torch.from_numpy(train_x)) and y.tolist() == train_y
     # one pixel by hand: image 8 (batch 2, image 2), green, row 5, column 9
     assert x[8, 1, 5, 9].item() == (7 * 2 + 50 * 1 + 3 * 5 + 9 + 11) % 256
     assert x[8, 1, 5, 9] != x[8, 1, 9, 5] and x[8, 1, 5, 9] != x[8, 0, 5, 9]
-    xt, yt = C.load_dataset("cifar10", str(tmp_path), train=False)
+    xt, yt = H.load_dataset("cifar10", str(tmp_path), train=False)
     assert torch.equal(xt, torch.from_numpy(test_x)) and yt.tolist() == test_y
     # the folder itself works as --data-dir too
-    assert torch.equal(C.load_dataset("cifar10", str(tmp_path / "cifar-10-batches-py"))[0], x)
+    assert torch.equal(H.load_dataset("cifar10", str(tmp_path / "cifar-10-batches-py"))[0], x)
 
     # the same files through torchvision's reader (its md5 check switched off): same images
     import torchvision
@@ -127,7 +127,7 @@ def test_cifar10_missing_names_directory(tmp_path, monkeypatch):
         raise OSError("no network")
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)  # never download in tests
     with pytest.raises(SystemExit) as e:
-        C.load_dataset("cifar10", str(tmp_path / "nowhere"))
+        H.load_dataset("cifar10", str(tmp_path / "nowhere"))
     msg = str(e.value)
     assert "\n" not in msg and str(tmp_path / "nowhere") in msg and "could not be downloaded" in msg
 
@@ -148,24 +148,24 @@ def reference_imagenet64(flat):
 def test_imagenet64_npz(tmp_path, subdir):
     sizes = (3, 2, 1, 1, 1, 1, 1, 1, 1, 2)  # ten batches: batch_10 must come after batch_9
     img, lab = write_imagenet64_npz(tmp_path, sizes, subdir)
-    x, y = C.load_dataset("imagenet64", str(tmp_path))
+    x, y = H.load_dataset("imagenet64", str(tmp_path))
     assert x.dtype == torch.uint8 and x.shape == (sum(sizes), 3, 64, 64) and y.dtype == torch.long
     assert torch.equal(x, torch.from_numpy(img))
     assert y.tolist() == [v - 1 for v in lab] and y.min() >= 0 and y.max() == 999
     flat = np.load(os.path.join(tmp_path, subdir, "train_data_batch_1.npz"))["data"]
     assert torch.equal(x[:3].permute(0, 2, 3, 1), torch.from_numpy(reference_imagenet64(flat)))
     assert x[1, 2, 10, 3].item() == (7 * 1 + 50 * 2 + 3 * 10 + 3 + 5) % 256  # blue, row 10, col 3
-    xv, yv = C.load_dataset("imagenet64", str(tmp_path), train=False)
+    xv, yv = H.load_dataset("imagenet64", str(tmp_path), train=False)
     assert xv.shape == (2, 3, 64, 64) and yv.tolist() == [0, 1]
 
 
 def test_imagenet64_npz_bad_labels(tmp_path):
     np.savez(tmp_path / "train_data_batch_1.npz", data=np.zeros((2, 12288), np.uint8), labels=[0, 1])
     with pytest.raises(SystemExit, match="1..1000"):
-        C.load_dataset("imagenet64", str(tmp_path))
+        H.load_dataset("imagenet64", str(tmp_path))
     np.savez(tmp_path / "train_data_batch_1.npz", data=np.zeros((2, 3072), np.uint8), labels=[1, 2])
     with pytest.raises(SystemExit, match="12288"):
-        C.load_dataset("imagenet64", str(tmp_path))
+        H.load_dataset("imagenet64", str(tmp_path))
 
 
 def test_imagenet64_image_folder(tmp_path):
@@ -176,7 +176,7 @@ def test_imagenet64_image_folder(tmp_path):
     path = os.path.join(tmp_path, "train", "n01443537", "big.png")
     Image.fromarray(big).save(path)
     files[path] = (big[::2, ::2], 1)
-    x, y = C.load_dataset("imagenet64", str(tmp_path))
+    x, y = H.load_dataset("imagenet64", str(tmp_path))
     assert x.dtype == torch.uint8 and x.shape == (5, 3, 64, 64) and y.dtype == torch.long
     by_path = sorted(files)  # ImageFolder order: class folder, then file name
     for i, p in enumerate(by_path):
@@ -202,7 +202,7 @@ def test_mnist_missing_names_directory(tmp_path, monkeypatch):
         raise OSError("no network")
     monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
     with pytest.raises(SystemExit, match="nowhere"):
-        C.load_dataset("mnist", str(tmp_path / "nowhere"))
+        H.load_dataset("mnist", str(tmp_path / "nowhere"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def make(n):
 
 def test_batches_rank_disjoint_within_epoch():
     data, bs, world = make(50), 4, 3
-    ranks = [C.Batches(data, bs, seed=1, rank=r, world=world) for r in range(world)]
+    ranks = [H.Batches(data, bs, seed=1, rank=r, world=world) for r in range(world)]
     per_epoch = 50 // (bs * world)
     for epoch in range(2):
         seen = [i for step in range(epoch * per_epoch, (epoch + 1) * per_epoch)
@@ -235,18 +235,18 @@ def test_batches_rank_disjoint_within_epoch():
 
 def test_batches_deterministic_by_step():
     data = make(40)
-    a = C.Batches(data, 5, seed=3, rank=1, world=2)
+    a = H.Batches(data, 5, seed=3, rank=1, world=2)
     seq = [ids(a.get(s)) for s in range(12)]
-    b = C.Batches(data, 5, seed=3, rank=1, world=2)  # a resumed run: fresh object, any order
+    b = H.Batches(data, 5, seed=3, rank=1, world=2)  # a resumed run: fresh object, any order
     assert [ids(b.get(s)) for s in (11, 2, 7, 0)] == [seq[s] for s in (11, 2, 7, 0)]
-    assert seq != [ids(C.Batches(data, 5, seed=4, rank=1, world=2).get(s)) for s in range(12)]
-    x, _ = C.Batches((torch.tensor([0, 255], dtype=torch.uint8)[:, None], torch.zeros(2)), 2).get(0)
+    assert seq != [ids(H.Batches(data, 5, seed=4, rank=1, world=2).get(s)) for s in range(12)]
+    x, _ = H.Batches((torch.tensor([0, 255], dtype=torch.uint8)[:, None], torch.zeros(2)), 2).get(0)
     assert sorted(x.flatten().tolist()) == [-1.0, 1.0]
 
 
 def test_batches_smaller_than_global_batch():
     data = make(5)
-    got = [ids(C.Batches(data, 4, seed=0, rank=r, world=2).get(0)) for r in range(2)]
+    got = [ids(H.Batches(data, 4, seed=0, rank=r, world=2).get(0)) for r in range(2)]
     assert all(len(g) == 4 for g in got) and set(got[0] + got[1]) == set(range(5))
 
 
@@ -293,7 +293,7 @@ def test_cifar10_release_format_variants(tmp_path):
         d = pickle.load(fh)
     with open(folder / "data_batch_3", "wb") as fh:
         pickle.dump(d, fh, protocol=5)  # numpy._core.numeric._frombuffer
-    x, y = C.load_dataset("cifar10", str(tmp_path))
+    x, y = H.load_dataset("cifar10", str(tmp_path))
     assert torch.equal(x, torch.from_numpy(train_x)) and y.tolist() == train_y
 
 
@@ -323,7 +323,7 @@ def test_cifar10_hostile_pickle_is_refused(tmp_path, where, call):
     with open(path, "wb") as fh:
         pickle.dump(entry, fh, protocol=2)
     with pytest.raises(SystemExit) as e:
-        C.load_dataset("cifar10", str(tmp_path))
+        H.load_dataset("cifar10", str(tmp_path))
     msg = str(e.value)
     assert not sentinel.exists()
     assert "\n" not in msg and str(path) in msg and "refusing" in msg
@@ -362,7 +362,7 @@ def test_cifar10_malformed_batch_is_one_line(tmp_path, case):
         with open(path, "wb") as fh:
             pickle.dump(bad_batches()[case], fh, protocol=2)
     with pytest.raises(SystemExit) as e:
-        C.load_dataset("cifar10", str(tmp_path))
+        H.load_dataset("cifar10", str(tmp_path))
     msg = str(e.value)
     assert msg.startswith("error:") and "\n" not in msg and str(path) in msg, msg
     assert not list(tmp_path.glob("*.tmp*")) and not [p for p in tmp_path.glob("cifar10-*") if p.suffix != ".lock"]
@@ -401,55 +401,55 @@ def cache_files(root, name):
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="Linux /proc")
 def test_imagenet64_cache_is_memory_mapped_and_reused(tmp_path):
     img, lab = write_imagenet64_npz(tmp_path, (3, 2))
-    x, y = C.load_dataset("imagenet64", str(tmp_path))
+    x, y = H.load_dataset("imagenet64", str(tmp_path))
     xp, yp, jp = cache_files(tmp_path, "imagenet64-train")
     assert all(map(os.path.isfile, (xp, yp, jp))) and not list(tmp_path.glob("*.tmp*"))
     assert mapped_file(x) == xp and mapped_file(y) == yp  # file-backed: ranks share the pages
     assert torch.equal(x, torch.from_numpy(img)) and y.tolist() == [v - 1 for v in lab]
     assert np.load(xp).shape == (5, 3, 64, 64)
     before = [os.stat(p).st_mtime_ns for p in (xp, yp, jp)]
-    x2, y2 = C.load_dataset("imagenet64", str(tmp_path))  # fresh: opened, not converted again
+    x2, y2 = H.load_dataset("imagenet64", str(tmp_path))  # fresh: opened, not converted again
     assert [os.stat(p).st_mtime_ns for p in (xp, yp, jp)] == before
     assert torch.equal(x2, x) and torch.equal(y2, y)
     x2[0, 0, 0, 0] = 1 + x2[0, 0, 0, 0]  # copy-on-write: the file (and other ranks) keep theirs
-    assert torch.equal(C.load_dataset("imagenet64", str(tmp_path))[0][0], torch.from_numpy(img[0]))
-    batch, _ = C.Batches((x, y), 4, seed=0).get(0)  # the sampler reads the map as before
+    assert torch.equal(H.load_dataset("imagenet64", str(tmp_path))[0][0], torch.from_numpy(img[0]))
+    batch, _ = H.Batches((x, y), 4, seed=0).get(0)  # the sampler reads the map as before
     assert batch.shape == (4, 3, 64, 64) and batch.dtype == torch.float32
 
 
 def test_imagenet64_cache_rebuilds_when_sources_change(tmp_path):
     write_imagenet64_npz(tmp_path, (3, 2))
-    x, _ = C.load_dataset("imagenet64", str(tmp_path))
+    x, _ = H.load_dataset("imagenet64", str(tmp_path))
     new = pattern(4, 3, 64, seed=77)  # batch 2 replaced: other images, another count
     np.savez(tmp_path / "train_data_batch_2.npz", data=flat_planes(new), labels=[5, 6, 7, 8])
-    x2, y2 = C.load_dataset("imagenet64", str(tmp_path))
+    x2, y2 = H.load_dataset("imagenet64", str(tmp_path))
     assert x2.shape == (7, 3, 64, 64) and torch.equal(x2[3:], torch.from_numpy(new))
     assert torch.equal(x2[:3], x[:3]) and y2[3:].tolist() == [4, 5, 6, 7]
     os.utime(tmp_path / "train_data_batch_1.npz", ns=(1, 1))  # same bytes, other mtime: rebuilt
     mtime = os.stat(cache_files(tmp_path, "imagenet64-train")[0]).st_mtime_ns
-    C.load_dataset("imagenet64", str(tmp_path))
+    H.load_dataset("imagenet64", str(tmp_path))
     assert os.stat(cache_files(tmp_path, "imagenet64-train")[0]).st_mtime_ns != mtime
     xp = cache_files(tmp_path, "imagenet64-train")[0]
     with open(xp, "r+b") as fh:  # a cache cut short (not by us): its size no longer matches
         fh.truncate(1000)
-    assert torch.equal(C.load_dataset("imagenet64", str(tmp_path))[0], x2)
+    assert torch.equal(H.load_dataset("imagenet64", str(tmp_path))[0], x2)
 
 
 def test_image_folder_cache_rebuilds_when_an_image_is_added(tmp_path):
     from PIL import Image
     write_image_folder(tmp_path)
-    x, _ = C.load_dataset("imagenet64", str(tmp_path))
+    x, _ = H.load_dataset("imagenet64", str(tmp_path))
     assert mapped_file(x) == cache_files(tmp_path, "imagenet64-train-folder")[0]
     hwc = pattern(1, 3, 64, seed=42)[0].transpose(1, 2, 0)
     Image.fromarray(np.ascontiguousarray(hwc)).save(tmp_path / "train" / "n01443537" / "9.png")
-    x2, y2 = C.load_dataset("imagenet64", str(tmp_path))
+    x2, y2 = H.load_dataset("imagenet64", str(tmp_path))
     assert x2.shape == (5, 3, 64, 64) and torch.equal(x2[4], torch.from_numpy(hwc).permute(2, 0, 1))
     assert y2.tolist() == [0, 0, 1, 1, 1]
 
 
 def test_cifar10_cache(tmp_path):
     (train_x, _), _ = write_cifar10(tmp_path)
-    x, _ = C.load_dataset("cifar10", str(tmp_path))
+    x, _ = H.load_dataset("cifar10", str(tmp_path))
     assert mapped_file(x) == cache_files(tmp_path, "cifar10-train")[0]
     assert torch.equal(x, torch.from_numpy(train_x))
 
@@ -462,7 +462,7 @@ def test_cache_not_writable_loads_into_memory(tmp_path, monkeypatch, capsys):
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(os, "fsync", full)
-    x, _ = C.load_dataset("imagenet64", str(tmp_path))
+    x, _ = H.load_dataset("imagenet64", str(tmp_path))
     assert torch.equal(x, torch.from_numpy(img)) and mapped_file(x) != cache_files(tmp_path, "imagenet64-train")[0]
     assert "No space left on device" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imagenet64-train.lock", "train_data_batch_1.npz",
@@ -479,7 +479,7 @@ def test_a_conversion_in_progress_is_waited_for(tmp_path):
     lock = open(tmp_path / "imagenet64-train.lock", "a")
     fcntl.flock(lock, fcntl.LOCK_EX)  # a second open file: its flock conflicts even in-process
     got = []
-    t = threading.Thread(target=lambda: got.append(C.load_dataset("imagenet64", str(tmp_path))))
+    t = threading.Thread(target=lambda: got.append(H.load_dataset("imagenet64", str(tmp_path))))
     t.start()
     t.join(1.0)
     assert t.is_alive() and not os.path.exists(xp)  # waiting, not converting
@@ -505,12 +505,12 @@ def test_imagenet64_npz_not_an_npz_is_one_line(tmp_path):
     write_imagenet64_npz(tmp_path, (3, 2))
     (tmp_path / "train_data_batch_2.npz").write_bytes(b"not a zip")
     with pytest.raises(SystemExit) as e:
-        C.load_dataset("imagenet64", str(tmp_path))
+        H.load_dataset("imagenet64", str(tmp_path))
     assert "\n" not in str(e.value) and "train_data_batch_2.npz" in str(e.value)
     np.savez(tmp_path / "train_data_batch_2.npz", data=np.zeros((2, 12288), np.uint8))  # no labels
     with pytest.raises(SystemExit, match="train_data_batch_2.npz.*labels"):
-        C.load_dataset("imagenet64", str(tmp_path))
+        H.load_dataset("imagenet64", str(tmp_path))
     for k in (1, 2):  # batches with no images
         np.savez(tmp_path / f"train_data_batch_{k}.npz", data=np.zeros((0, 12288), np.uint8), labels=[])
     with pytest.raises(SystemExit, match="hold no images"):
-        C.load_dataset("imagenet64", str(tmp_path))
+        H.load_dataset("imagenet64", str(tmp_path))

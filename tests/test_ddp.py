@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-import common as C
+import harness as H
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--batch-size", "8", "--buffer-size", "32", "--refresh", "2", "--refresh-every", "1",
-        "--eval-samples", "16", "--shift-samples", "8", "--teacher-steps", "4", "--log-every", "1",
+        "--eval-samples", "16", "--shift-samples", "8", "--reference-steps", "4", "--log-every", "1",
         "--ckpt-every", "2", "--beta-data", "0.5", "--beta-teacher", "0.25", "--beta-student", "0.25",
         "--seed", "2"]
 
@@ -58,8 +58,8 @@ def test_two_ranks_agree_and_a_resumed_run_equals_the_uninterrupted_one(tiny_tea
 
 def test_per_rank_keys_stay_in_the_checkpoint_on_one_process(tmp_path):
     path = str(tmp_path / "ckpt.pt")
-    C.save_checkpoint(path, {"step": 3, "net": {"w": torch.ones(2)}, "buffers": {"x": torch.zeros(1)}},
+    H.save_checkpoint(path, {"step": 3, "net": {"w": torch.ones(2)}, "buffers": {"x": torch.zeros(1)}},
                       per_rank=("buffers",))
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]  # no sidecar for rank 0
-    ck = C.load_checkpoint(path, per_rank=("buffers",))
+    ck = H.load_checkpoint(path, per_rank=("buffers",))
     assert ck["step"] == 3 and torch.equal(ck["buffers"]["x"], torch.zeros(1))

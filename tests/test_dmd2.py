@@ -7,6 +7,7 @@ import types
 import torch
 
 import common as C
+import harness as H
 import dmd2_ddil as D
 from conftest import cfg_v, ddim_step, random_unet
 
@@ -208,13 +209,13 @@ def test_tiny_run_writes_every_output_and_follows_two_time_scales(tiny_teacher, 
     assert set(m["student"]) == {"1", "2"} and set(m["teacher"]) == {"1", "2", "64"}
     assert m["student"]["2"]["fd"] >= 0 and m["config"]["steps"] == 2 and m["it_per_s"] > 0
     assert len(m["covariate_shift"]["t"]) == 2
-    ck = C.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    ck = H.load_checkpoint(str(tmp_path / "ckpt.pt"))
     # two time scales: G stepped at steps 0, 3, 6; F and the GAN head at every one of 7 steps
     assert ck["opt_g"]["state"][0]["step"].item() == 3
     assert ck["opt_f"]["state"][0]["step"].item() == 7
     logged = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["step"] for r in logged if "loss_dm" in r] == [1, 4, 7]
-    net, kind, _ = C.load_net(str(tmp_path / "ckpt.pt"))  # the checkpoint contract
+    net, kind, _ = H.load_net(str(tmp_path / "ckpt.pt"))  # the checkpoint contract
     assert kind == "renoise"
     assert C.generate(net, 4, 2, kind).abs().max() <= 1.0
 
@@ -225,7 +226,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_teacher, tmp_path):
     run(tiny_teacher, tmp_path / "a", "--iters", "5", *common)
     run(tiny_teacher, tmp_path / "b", "--iters", "3", *common)  # "interrupted" after step 3
     run(tiny_teacher, tmp_path / "b", "--iters", "5", *common)  # resumes from its ckpt.pt
-    a, b = (C.load_checkpoint(str(tmp_path / d / "ckpt.pt")) for d in "ab")
+    a, b = (H.load_checkpoint(str(tmp_path / d / "ckpt.pt")) for d in "ab")
     assert a["step"] == b["step"] == 5
     for key in ("net", "fake", "head"):
         for k in a[key]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common as C
+import harness as H
 import evaluate as E
 
 
@@ -142,8 +143,8 @@ def test_digits_classifier_deterministic_and_cached(cache, tmp_path, monkeypatch
 
 def test_sample_metrics_on_real_and_noise(cache):
     # real digits against real digits: FD ~0, precision/recall 1, entropy ~ln 10
-    x, _ = C.load_dataset("digits")
-    m = E.sample_metrics(C.to_float(x), "digits", cache_dir=cache)
+    x, _ = H.load_dataset("digits")
+    m = E.sample_metrics(H.to_float(x), "digits", cache_dir=cache)
     assert set(m) == {"fd", "kid", "precision", "recall", "entropy", "cond_acc"} and m["cond_acc"] is None
     assert m["fd"] < 1e-6 and m["precision"] == 1.0 and m["recall"] == 1.0
     assert m["entropy"] == pytest.approx(math.log(10), abs=0.01)
@@ -151,7 +152,7 @@ def test_sample_metrics_on_real_and_noise(cache):
     noise = E.sample_metrics(torch.rand(500, 1, 8, 8) * 2 - 1, "digits", cache_dir=cache)
     assert noise["fd"] > 1.0 and noise["kid"] > 0.01 and noise["precision"] < 0.2
     # half the real set: FD small but not 0 (finite-sample noise), far below the noise images
-    half = E.sample_metrics(C.to_float(x[::2]), "digits", cache_dir=cache)
+    half = E.sample_metrics(H.to_float(x[::2]), "digits", cache_dir=cache)
     assert 0 < half["fd"] < noise["fd"] / 10
 
 
@@ -199,7 +200,7 @@ def test_cli_samples_a_guidance_distilled_student_at_its_w(cache, tmp_path):
     assert torch.equal(C.guided(net, y, 2.0)(x, t), net(x, t, y, torch.full((4,), 2.0)))  # w is an input
     assert not torch.allclose(net(x, t, y, torch.full((4,), 2.0)), net(x, t, y, torch.full((4,), 0.0)))
     ckpt = str(tmp_path / "ckpt.pt")
-    C.save_checkpoint(ckpt, {"net": net.state_dict(), "model_config": net.config, "sampler": "renoise",
+    H.save_checkpoint(ckpt, {"net": net.state_dict(), "model_config": net.config, "sampler": "renoise",
                              "steps": 2, "w": 2.0, "config": {"dataset": "digits", "bound": "none",
                                                              "w_min": 1.0, "w_max": 3.0}})
     args = [ckpt, "--steps", "2", "--num-samples", "20", "--cache-dir", cache, "--out", str(tmp_path)]
@@ -215,7 +216,7 @@ def test_inception_plumbing_with_stand_in(tmp_path, monkeypatch):
     # computed once, cached on disk by name, and compared with the samples' features
     imgs = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8)
     calls = []
-    monkeypatch.setattr(C, "load_dataset", lambda name, data_dir="data", train=True: (imgs, torch.zeros(300).long()))
+    monkeypatch.setattr(H, "load_dataset", lambda name, data_dir="data", train=True: (imgs, torch.zeros(300).long()))
 
     def stand_in(x_uint8):
         assert x_uint8.dtype == torch.uint8 and x_uint8.shape[1:] == (3, 32, 32)
@@ -223,11 +224,11 @@ def test_inception_plumbing_with_stand_in(tmp_path, monkeypatch):
         return x_uint8.double().mean((2, 3)), None
 
     E._MEMO.clear()
-    same = E.sample_metrics(C.to_float(imgs), "cifar10", cache_dir=str(tmp_path), extractor=stand_in, name="standin")
+    same = E.sample_metrics(H.to_float(imgs), "cifar10", cache_dir=str(tmp_path), extractor=stand_in, name="standin")
     assert same["fd"] < 1e-6 and same["entropy"] is None
     assert os.path.isfile(tmp_path / "cifar10-standin-train.pt")
     E._MEMO.clear()
-    dark = E.sample_metrics(C.to_float(imgs) * 0.5 - 0.5, "cifar10", cache_dir=str(tmp_path), extractor=stand_in, name="standin")
+    dark = E.sample_metrics(H.to_float(imgs) * 0.5 - 0.5, "cifar10", cache_dir=str(tmp_path), extractor=stand_in, name="standin")
     assert calls == [300, 300, 300]  # the second call read the real features from disk
     assert dark["fd"] > 100 and dark["precision"] == 0.0
 
@@ -260,7 +261,7 @@ def test_cli_on_tiny_teacher(tiny_teacher, cache, tmp_path):
     assert res["rows"] == on_disk["rows"]
     assert len(on_disk["noise_floor"]["vs_real"]) == 2
     # the covariate-shift inputs from a real network: grid times, shapes, own state at t = 1 is noise
-    net, kind, _ = C.load_net(tiny_teacher)
+    net, kind, _ = H.load_net(tiny_teacher)
     data_s, own_s = E.grid_states(net, kind, 2, 16, seed=1)
     assert list(data_s) == list(own_s) == C.time_grid(2)[:-1].tolist()
     assert all(x.shape == (16, 1, 8, 8) and y is None for x, y in (*data_s.values(), *own_s.values()))
@@ -311,9 +312,9 @@ def test_evaluation_samples_balanced_labels_never_the_null_one_at_the_given_w():
 
 
 def test_conditional_accuracy_reads_the_intended_labels(cache):
-    x, y = C.load_dataset("digits")
+    x, y = H.load_dataset("digits")
     order = torch.cat([torch.nonzero(y == c)[:10, 0] for c in range(10)])  # 10 of each digit
-    real = C.to_float(x[order]).view(10, 10, 1, 8, 8).transpose(0, 1).reshape(100, 1, 8, 8)
+    real = H.to_float(x[order]).view(10, 10, 1, 8, 8).transpose(0, 1).reshape(100, 1, 8, 8)
     labels = E.eval_labels(100, 10)  # 0..9, 0..9, ...: the real digits in that order
     m = E.sample_metrics(real, cache_dir=cache, labels=labels)
     assert m["cond_acc"] > 0.95

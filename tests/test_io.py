@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common as C
+import harness as H
 
 
 def one_line(e):
@@ -36,17 +37,17 @@ def state(step, net=None):
 
 def test_checkpoint_disk_full_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "run" / "ckpt.pt")
-    C.save_checkpoint(path, state(1))
+    H.save_checkpoint(path, state(1))
     before = open(path, "rb").read()
     monkeypatch.setattr(torch, "save", disk_full())
     with pytest.raises(SystemExit) as e:
-        C.save_checkpoint(path, state(2))
+        H.save_checkpoint(path, state(2))
     msg = one_line(e)
     assert "No space left on device" in msg and path in msg and "free space" in msg and "--out" in msg
     assert "previous checkpoint is kept" in msg
     assert os.listdir(tmp_path / "run") == ["ckpt.pt"] and open(path, "rb").read() == before
     monkeypatch.undo()
-    assert C.load_checkpoint(path)["step"] == 1
+    assert H.load_checkpoint(path)["step"] == 1
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
@@ -56,20 +57,20 @@ def test_checkpoint_real_enospc_from_torch_save(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     os.symlink("/dev/full", f"{path}.tmp{os.getpid()}")
     with pytest.raises(SystemExit) as e:
-        C.save_checkpoint(path, state(3))
+        H.save_checkpoint(path, state(3))
     assert "No space left on device" in one_line(e) and os.listdir(tmp_path) == []
 
 
 def test_checkpoint_permission_denied_on_replace(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    C.save_checkpoint(path, state(1))
+    H.save_checkpoint(path, state(1))
     before = open(path, "rb").read()
 
     def denied(src, dst):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     monkeypatch.setattr(os, "replace", denied)
     with pytest.raises(SystemExit) as e:
-        C.save_checkpoint(path, state(2))
+        H.save_checkpoint(path, state(2))
     assert "Permission denied" in one_line(e)
     assert os.listdir(tmp_path) == ["ckpt.pt"] and open(path, "rb").read() == before
 
@@ -77,7 +78,7 @@ def test_checkpoint_permission_denied_on_replace(tmp_path, monkeypatch):
 def test_checkpoint_out_is_a_file(tmp_path):
     (tmp_path / "out").write_text("a file where the run folder should be")
     with pytest.raises(SystemExit) as e:
-        C.save_checkpoint(str(tmp_path / "out" / "ckpt.pt"), state(1))
+        H.save_checkpoint(str(tmp_path / "out" / "ckpt.pt"), state(1))
     assert "--out" in one_line(e)
 
 
@@ -88,17 +89,17 @@ def test_nonfinite_optimiser_state_is_not_written(tmp_path):
     s = state(5)
     s["opt"]["state"][1]["exp_avg_sq"][0] = float("nan")
     with pytest.raises(SystemExit) as e:
-        C.save_checkpoint(path, s)
+        H.save_checkpoint(path, s)
     msg = one_line(e)
     assert "opt.state.1.exp_avg_sq" in msg and "step 5" in msg and "no checkpoint was written yet" in msg
     assert "lower --lr" in msg and os.listdir(tmp_path) == []
 
     good = state(3)
-    C.save_checkpoint(path, good)
+    H.save_checkpoint(path, good)
     before = open(path, "rb").read()
     s["net"]["weight"][0, 0] = float("-inf")  # the first offending key, in state order
     with pytest.raises(SystemExit) as e:
-        C.save_checkpoint(path, s)
+        H.save_checkpoint(path, s)
     msg = one_line(e)
     assert "net.weight" in msg and f"the last checkpoint is {path} (step 3)" in msg and "resumes" in msg
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["ckpt.pt"]
@@ -109,37 +110,37 @@ def test_nonfinite_buffer_rows_are_caught_and_unwritten_rows_ignored(tmp_path):
     buf = C.MixingBuffer(8)
     buf.push(torch.randn(3, 2), torch.tensor(0.5))
     buf.x[5:] = float("nan")  # never pushed: new_empty may hold any bits, so they do not count
-    C.save_checkpoint(path, {"buffers": {"teacher": buf.state_dict()}, "step": 1})
+    H.save_checkpoint(path, {"buffers": {"teacher": buf.state_dict()}, "step": 1})
     buf.x[1, 0] = float("inf")
     with pytest.raises(SystemExit) as e:
-        C.save_checkpoint(path, {"buffers": {"teacher": buf.state_dict()}, "lists": [torch.ones(2)], "step": 2})
+        H.save_checkpoint(path, {"buffers": {"teacher": buf.state_dict()}, "lists": [torch.ones(2)], "step": 2})
     assert "buffers.teacher.x" in one_line(e) and "(step 1)" in str(e.value)
-    assert C.nonfinite_key({"a": [torch.ones(2), (torch.zeros(1), torch.tensor([1.0, float("nan")]))]}) == "a.1.1"
-    assert C.nonfinite_key({"i": torch.arange(3), "h": torch.ones(2, dtype=torch.bfloat16), "s": "x"}) is None
-    assert C.nonfinite_key({"h": torch.tensor([float("inf")], dtype=torch.float16)}) == "h"
+    assert H.nonfinite_key({"a": [torch.ones(2), (torch.zeros(1), torch.tensor([1.0, float("nan")]))]}) == "a.1.1"
+    assert H.nonfinite_key({"i": torch.arange(3), "h": torch.ones(2, dtype=torch.bfloat16), "s": "x"}) is None
+    assert H.nonfinite_key({"h": torch.tensor([float("inf")], dtype=torch.float16)}) == "h"
     # finite values whose sum overflows float32 are finite
-    assert C.nonfinite_key({"big": torch.full((4,), 3e38)}) is None
+    assert H.nonfinite_key({"big": torch.full((4,), 3e38)}) is None
 
 
 def test_last_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    assert C.last_checkpoint(path) == "no checkpoint was written yet"
-    C.save_checkpoint(path, state(200))
+    assert H.last_checkpoint(path) == "no checkpoint was written yet"
+    H.save_checkpoint(path, state(200))
     with monkeypatch.context() as m:  # the step this process wrote is remembered, not read back
         m.setattr(torch, "load", None)
-        assert C.last_checkpoint(path) == f"the last checkpoint is {path} (step 200)"
-    monkeypatch.setattr(C, "_SAVED_STEPS", {})  # another process: read back from the file
-    assert C.last_checkpoint(path) == f"the last checkpoint is {path} (step 200)"
+        assert H.last_checkpoint(path) == f"the last checkpoint is {path} (step 200)"
+    monkeypatch.setattr(H, "_SAVED_STEPS", {})  # another process: read back from the file
+    assert H.last_checkpoint(path) == f"the last checkpoint is {path} (step 200)"
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    assert "unreadable" in C.last_checkpoint(str(tmp_path / "junk.pt"))
+    assert "unreadable" in H.last_checkpoint(str(tmp_path / "junk.pt"))
 
 
 # ---- json, images, log ------------------------------------------------------------------------
 
 def test_write_json_and_save_grid_disk_full(tmp_path, monkeypatch):
     jpath, gpath = str(tmp_path / "metrics.json"), str(tmp_path / "samples.png")
-    C.write_json({"fd": 1.0}, jpath)
-    C.save_grid(torch.zeros(4, 3, 32, 32), gpath)
+    H.write_json({"fd": 1.0}, jpath)
+    H.save_grid(torch.zeros(4, 3, 32, 32), gpath)
     assert json.load(open(jpath)) == {"fd": 1.0} and open(gpath, "rb").read(4) == b"\x89PNG"
     before = {p: open(p, "rb").read() for p in (jpath, gpath)}
 
@@ -147,10 +148,10 @@ def test_write_json_and_save_grid_disk_full(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(SystemExit) as e:
-        C.write_json({"fd": 2.0}, jpath)
+        H.write_json({"fd": 2.0}, jpath)
     assert "No space left on device" in one_line(e) and jpath in str(e.value)
     with pytest.raises(SystemExit) as e:
-        C.save_grid(torch.ones(4, 3, 32, 32), gpath)
+        H.save_grid(torch.ones(4, 3, 32, 32), gpath)
     assert "No space left on device" in one_line(e) and gpath in str(e.value)
     assert sorted(os.listdir(tmp_path)) == ["metrics.json", "samples.png"]
     assert {p: open(p, "rb").read() for p in (jpath, gpath)} == before
@@ -159,7 +160,7 @@ def test_write_json_and_save_grid_disk_full(tmp_path, monkeypatch):
 def test_logger_resume_drops_a_cut_line_and_full_disk_is_one_line(tmp_path, monkeypatch):
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 10, "loss": 1.0}\n{"step": 20, "loss": 0.5}\n{"step": 30, "lo')
-    lg = C.Logger(str(tmp_path), total=40, initial=20)
+    lg = H.Logger(str(tmp_path), total=40, initial=20)
     assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == [10, 20]
     lg.log(21, loss=0.4)
     assert json.loads(log.read_text().splitlines()[-1])["step"] == 21
@@ -178,15 +179,15 @@ def test_logger_resume_drops_a_cut_line_and_full_disk_is_one_line(tmp_path, monk
 
 def test_check_out_dir(tmp_path):
     out = tmp_path / "run" / "a"
-    C.check_out_dir(str(out))
+    H.check_out_dir(str(out))
     assert out.is_dir()
-    C.check_out_dir(str(out))  # existing directory: fine
+    H.check_out_dir(str(out))  # existing directory: fine
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit) as e:
-        C.check_out_dir(str(tmp_path / "file"))
+        H.check_out_dir(str(tmp_path / "file"))
     assert "is a file" in one_line(e) and str(tmp_path / "file") in str(e.value)
     with pytest.raises(SystemExit) as e:
-        C.check_out_dir(str(tmp_path / "file" / "below"))  # a parent is a file: cannot be created
+        H.check_out_dir(str(tmp_path / "file" / "below"))  # a parent is a file: cannot be created
     assert "cannot create" in one_line(e) and "pick another --out" in str(e.value)
 
 
@@ -196,9 +197,9 @@ def test_check_betas_rejects_nonfinite(bad, which):
     betas = [0.5, 0.0, 0.5]
     betas[which] = bad
     with pytest.raises(SystemExit) as e:
-        C.check_betas(*betas)
+        H.check_betas(*betas)
     assert "finite" in one_line(e) and "--beta-data" in str(e.value)
-    assert C.check_betas(0.5, 0.0, 1.5) == (0.25, 0.0, 0.75)
+    assert H.check_betas(0.5, 0.0, 1.5) == (0.25, 0.0, 0.75)
 
 
 def test_beta_nan_from_the_command_line_is_one_line():
@@ -212,7 +213,7 @@ def test_beta_nan_from_the_command_line_is_one_line():
         beta_ramp: float = 0.0
         eval_every: int = 0
         eval_every_samples: int = 100
-    cfg = C.parse_config(Cfg, ["--beta-data", "nan"])
+    cfg = H.parse_config(Cfg, ["--beta-data", "nan"])
     with pytest.raises(SystemExit) as e:
-        C.check_ddil(cfg)
+        H.check_ddil(cfg)
     assert "nan" in one_line(e)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common as C
+import harness as H
 import lcm_ddil as L
 from conftest import cfg_v, ddim_step, random_unet
 
@@ -73,7 +74,7 @@ def test_target_ema0_is_student_and_gets_no_gradient():
 
 @pytest.mark.parametrize("bound", C.BOUNDS)
 def test_teacher_step_is_commons_ddim_step(tiny_teacher, bound):
-    teacher, _, _ = C.load_net(tiny_teacher)
+    teacher, _, _ = H.load_net(tiny_teacher)
     torch.nn.init.normal_(teacher.out[-1].weight, std=0.3)  # 20 iterations leave v ~ 0
     grid = 48
     n = torch.tensor([1, 1, 2, 12, 24, 36, 47, 48])
@@ -219,7 +220,7 @@ def test_sampling_times_on_grid_and_off_grid_error():
 
 def run(tmp_path, teacher, out, iters, **extra):
     args = {"teacher": teacher, "out": str(tmp_path / out), "iters": iters, "batch-size": 8,
-            "ckpt-every": 2, "log-every": 1, "eval-samples": 16, "teacher-steps": 8,
+            "ckpt-every": 2, "log-every": 1, "eval-samples": 16, "reference-steps": 8,
             "beta-data": 0.5, "beta-teacher": 0.25, "beta-student": 0.25,
             "buffer-size": 32, "refresh": 2, "refresh-every": 2, "seed": 3, **extra}
     argv = [s for k, v in args.items() for s in (f"--{k}", str(v))]
@@ -241,7 +242,7 @@ def test_end_to_end_writes_outputs_and_resume_is_exact(tmp_path, tiny_teacher):
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2, 3, 4]
     assert {"loss_data", "loss_teacher", "loss_student"} <= set(logs[0])
-    net, sampler, ck = C.load_net(str(out / "ckpt.pt"))  # evaluate.py's entry point
+    net, sampler, ck = H.load_net(str(out / "ckpt.pt"))  # evaluate.py's entry point
     assert sampler == "renoise" and ck["steps"] == 4 and ck["step"] == 4
 
     # interrupted after step 2 (a checkpoint), then resumed: bit-identical to the full run, though
@@ -261,6 +262,6 @@ def test_end_to_end_writes_outputs_and_resume_is_exact(tmp_path, tiny_teacher):
             assert torch.equal(a[key][k], b[key][k]), (key, k)
     for name in ("teacher", "student"):
         assert torch.equal(a["buffers"][name]["x"], b["buffers"][name]["x"]), name
-    first = {k: v for k, v in C.load_checkpoint(str(out / "ckpt.pt"))["net"].items()}
-    teacher_sd = C.load_net(tiny_teacher)[0].state_dict()
+    first = {k: v for k, v in H.load_checkpoint(str(out / "ckpt.pt"))["net"].items()}
+    teacher_sd = H.load_net(tiny_teacher)[0].state_dict()
     assert any(not torch.equal(first[k], teacher_sd[k]) for k in teacher_sd)  # it trained

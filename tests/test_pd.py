@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common as C
+import harness as H
 import pd_ddil as P
 from conftest import cfg_v, ddim_step, random_unet
 
@@ -191,9 +192,9 @@ def test_end_to_end_writes_every_output(full_run):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["N"] for r in log if "stage_fd" in r] == [2, 1]  # each stage's FD
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 7))
-    net, sampler, ck = C.load_net(str(out / "ckpt.pt"))  # the contract evaluate.py reads
+    net, sampler, ck = H.load_net(str(out / "ckpt.pt"))  # the contract evaluate.py reads
     assert sampler == "ddim" and ck["steps"] == 1 and ck["config"]["dataset"] == "digits"
-    teacher, _, _ = C.load_net(ck["config"]["teacher"])
+    teacher, _, _ = H.load_net(ck["config"]["teacher"])
     assert any(not torch.equal(a, b) for a, b in zip(net.state_dict().values(),
                                                      teacher.state_dict().values()))  # it trained
 

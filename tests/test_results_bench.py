@@ -27,7 +27,7 @@ def fake_metrics(path, fd, it_per_s, seed, bound, ratio):
 
 
 def test_plan_covers_the_grid_and_shares_ablation_runs():
-    groups, runs = R.plan(R.C.parse_config(R.Config, []))
+    groups, runs = R.plan(R.H.parse_config(R.Config, []))
     main = [g for g in groups.values() if g["kind"] == "main"]
     abl = [g for g in groups.values() if g["kind"] == "ablation"]
     assert len(main) == 3 * 4 + 1 + len(R.EXTRA) and all(len(g["runs"]) == 3 for g in main)
@@ -36,7 +36,7 @@ def test_plan_covers_the_grid_and_shares_ablation_runs():
     assert groups["lcm ablation (1, 0, 0)"]["runs"] == groups["lcm baseline"]["runs"][:2]
     assert groups["lcm ablation (0.5, 0, 0.5)"]["runs"] == groups["lcm +DDIL"]["runs"][:2]
     assert len(runs) == 3 * 4 * 3 + 3 + 3 * len(R.EXTRA) + (len(R.ABLATION) - 2 + len(R.SCHEDULES)) * 2
-    cfg = R.C.parse_config(R.Config, ["--runs-dir", "x"])
+    cfg = R.H.parse_config(R.Config, ["--runs-dir", "x"])
 
     def flags(label, seed=0):
         argv = R.argv_of(cfg, groups[label]["runs"][seed], runs[groups[label]["runs"][seed]])
@@ -51,7 +51,7 @@ def test_plan_covers_the_grid_and_shares_ablation_runs():
     assert flags("dmd2 baseline, 1-step G")["--steps"] == "1" and flags("lcm +reflect")["--steps"] == "4"
     assert flags("lcm +DDIL")["--beta-ramp"] == "0" and flags("lcm ablation (0.5, 0, 0.5) ramp 0.5")["--beta-ramp"] == "0.5"
     with pytest.raises(SystemExit, match="--only"):
-        R.plan(R.C.parse_config(R.Config, ["--only", "lcm,gan"]))
+        R.plan(R.H.parse_config(R.Config, ["--only", "lcm,gan"]))
 
 
 def test_aggregation_over_seeds(tmp_path, monkeypatch, capsys):

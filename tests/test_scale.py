@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common as C
+import harness as H
 import teacher
 from test_data import write_cifar10, write_imagenet64_npz
 
@@ -26,7 +27,7 @@ def test_teacher_cifar10_preset(tmp_path):
     teacher.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--out", str(out),
                   "--iters", "2", "--batch-size", "2", "--sample-steps", "2", "--sample-count", "2",
                   "--device", "cpu", "--log-every", "1"])
-    ck = C.load_checkpoint(str(out / "ckpt.pt"))
+    ck = H.load_checkpoint(str(out / "ckpt.pt"))
     assert ck["step"] == 2 and ck["model_config"] == C.build_unet("cifar10").config
     assert ck["config"]["lr"] == teacher.PRESETS["cifar10"]["lr"] and ck["config"]["batch_size"] == 2
     logs = [json.loads(line) for line in open(out / "log.jsonl")]
@@ -46,7 +47,7 @@ def test_teacher_imagenet64_preset(tmp_path):
     teacher.main(["--dataset", "imagenet64", "--data-dir", str(tmp_path / "data"), "--out", str(out),
                   "--iters", "2", "--batch-size", "2", "--sample-steps", "2", "--sample-count", "2",
                   "--device", "cpu", "--log-every", "1"])
-    ck = C.load_checkpoint(str(out / "ckpt.pt"))
+    ck = H.load_checkpoint(str(out / "ckpt.pt"))
     cfg = C.build_unet("imagenet64").config
     assert ck["step"] == 2 and ck["model_config"] == cfg and cfg["num_classes"] == 1000
     assert ck["config"]["cond"] and ck["config"]["lr"] == teacher.PRESETS["imagenet64"]["lr"]
@@ -177,7 +178,7 @@ def test_gpu_check_dry(tmp_path):
         assert r["images_per_s"] == pytest.approx(2 * r["it_per_s"])
     cifar = C.build_unet("cifar10").config
     for mod, name in ((teacher, "teacher"), (pd_ddil, "pd_ddil"), (lcm_ddil, "lcm_ddil"), (dmd2_ddil, "dmd2_ddil")):
-        ck = C.load_checkpoint(str(tmp_path / f"{name}-10" / "ckpt.pt"))
+        ck = H.load_checkpoint(str(tmp_path / f"{name}-10" / "ckpt.pt"))
         assert ck["step"] == 2 and ck["config"]["dataset"] == "cifar10"
         assert ck["config"]["lr"] == mod.PRESETS["cifar10"]["lr"] and ck["config"]["batch_size"] == 2
         mc = ck["model_config"]
@@ -193,13 +194,13 @@ def test_gpu_check_dry(tmp_path):
 
 
 def test_method_presets_follow_the_published_recipes():
-    """The recipes of DESIGN.md section 6, read through each script's own flag parser."""
+    """The published recipes (PD, CD, DMD2), read through each script's own flag parser."""
     import dmd2_ddil
     import lcm_ddil
     import pd_ddil
 
     def cfg(mod, dataset, *flags):
-        return C.parse_config(mod.Config, ["--dataset", dataset, *flags], mod.PRESETS)
+        return H.parse_config(mod.Config, ["--dataset", dataset, *flags], mod.PRESETS)
     pd = cfg(pd_ddil, "cifar10")  # PD CIFAR-10: batch 128, lr 5e-5 per stage, 50k per stage
     assert (pd.batch_size * 8, pd.lr, pd.iters_per_stage, pd.grad_clip) == (128, 5e-5, 50_000, 1.0)
     cd = cfg(lcm_ddil, "imagenet64")  # CD ImageNet-64: lr 8e-6, batch 2048 over 8 GPUs
@@ -211,7 +212,7 @@ def test_method_presets_follow_the_published_recipes():
     assert (dmd.lr, dmd.fake_updates, dmd.bf16, dmd.gan_weight, dmd.disc_weight) == (2e-6, 5, True, 3e-3, 1e-2)
     assert cfg(dmd2_ddil, "imagenet64", "--lr", "1e-5").lr == 1e-5  # explicit flags still win
     for mod in (teacher, pd_ddil, lcm_ddil, dmd2_ddil):  # digits defaults untouched by presets
-        assert C.parse_config(mod.Config, [], mod.PRESETS) == mod.Config()
+        assert H.parse_config(mod.Config, [], mod.PRESETS) == mod.Config()
         for dataset in ("cifar10", "imagenet64"):
             c = cfg(mod, dataset)
             assert c.batch_size % getattr(c, "grad_accum", 1) == 0
@@ -244,7 +245,7 @@ def test_micro_batches_accumulate_the_full_batch_gradient():
 
     def grads(n):
         net.zero_grad()
-        for _, (x_m, t_m, y_m, v_m) in C.micro_batches(net, n, x, t, y, target):
+        for _, (x_m, t_m, y_m, v_m) in H.micro_batches(net, n, x, t, y, target):
             assert y_m is None and len(x_m) == 8 // n
             ((net(x_m, t_m, y_m) - v_m).square().mean() / n).backward()
         return torch.cat([p.grad.flatten() for p in net.parameters()])
@@ -258,7 +259,7 @@ def test_micro_batches_accumulate_the_full_batch_gradient():
             import contextlib
             FakeDDP.synced.append(False)
             return contextlib.nullcontext()
-    syncs = [s for s, _ in C.micro_batches(FakeDDP(), 3, torch.zeros(6))]
+    syncs = [s for s, _ in H.micro_batches(FakeDDP(), 3, torch.zeros(6))]
     assert len(FakeDDP.synced) == 2 and syncs[-1].__class__.__name__ == "nullcontext"
 
 
@@ -270,7 +271,7 @@ def test_teacher_grad_accum_matches_one_batch(tmp_path):
         out = tmp_path / f"a{n}"
         teacher.main(["--iters", "3", "--batch-size", "8", "--grad-accum", str(n), "--out", str(out),
                       "--sample-count", "1", "--sample-steps", "1", "--device", "cpu", "--log-every", "1"])
-        outs.append(C.load_checkpoint(str(out / "ckpt.pt"))["model"])
+        outs.append(H.load_checkpoint(str(out / "ckpt.pt"))["model"])
     diff = max((outs[0][k] - outs[1][k]).abs().max().item() for k in outs[0])
     moved = max(v.abs().max().item() for k, v in outs[0].items() if k.startswith("out."))
     assert diff < 1e-4 and moved > 0
@@ -289,10 +290,10 @@ def test_maybe_compile_falls_back_once(monkeypatch, capsys):
         return call
     monkeypatch.setattr(torch, "compile", broken_compile)
     x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
-    assert C.maybe_compile(net, x, t) is net
+    assert H.maybe_compile(net, x, t) is net
     err = capsys.readouterr().out
     assert err.count("warning: torch.compile failed") == 1 and "no C compiler found" in err
-    assert C.maybe_compile(net, x, t, enabled=False) is net
+    assert H.maybe_compile(net, x, t, enabled=False) is net
     compiled = []  # a compiler that works: its module comes back, no warning
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(lambda *a: model(*a)) or compiled[0])
-    assert C.maybe_compile(net, x, t) is compiled[0] and capsys.readouterr().out == ""
+    assert H.maybe_compile(net, x, t) is compiled[0] and capsys.readouterr().out == ""

@@ -7,7 +7,6 @@ import sys
 import pytest
 import torch
 
-import common as C
 import teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +29,7 @@ def test_teacher_writes_outputs(tiny_teacher):
     assert ck["step"] == 20 and ck["config"]["dataset"] == "digits"
     logs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [r["step"] for r in logs] == [10, 20] and all(r["loss"] > 0 for r in logs)
-    net, cfg = C.load_teacher(tiny_teacher, "digits")
+    net, cfg = teacher.load_teacher(tiny_teacher, "digits")
     assert not any(p.requires_grad for p in net.parameters()) and cfg["iters"] == 20
 
 
@@ -94,7 +93,7 @@ def test_checkpoint_of_another_model_is_refused(tiny_teacher, tmp_path):
     r = run(["teacher.py", "--out", str(out), "--cond"], timeout=120)  # class-conditional != ckpt
     assert r.returncode != 0 and r.stderr.strip().startswith("error:") and "another shape" in r.stderr
     with pytest.raises(SystemExit, match="trained on 'digits'"):
-        C.load_teacher(tiny_teacher, "mnist")
+        teacher.load_teacher(tiny_teacher, "mnist")
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
