@@ -233,7 +233,7 @@ class DiffusersTeacher(nn.Module):
             x0, eps = at * z - st * out, st * z + at * out
             v = a * eps - s * x0
         else:
-            low = C.bcast(lam < 0, z)
+            low = (lam < 0).reshape(-1, *([1] * (z.dim() - 1)))
             x0_low = (z - st * out) / at
             if self.clip_x0:
                 x0_low = x0_low.clamp(-1.0, 1.0)
@@ -577,6 +577,10 @@ class _InertUnpickler(pickle.Unpickler):
         self.classes = []
 
     def find_class(self, module, name):
+        import _compat_pickle  # protocol-2 pickles name Python 2 modules (__builtin__.set)
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) in _SAFE:
             return _SAFE[(module, name)]()
         self.classes.append(f"{module}.{name}")
@@ -754,8 +758,8 @@ def _load_diffusers(where, num_classes=None):
     return DiffusersTeacher(unet, sched, num_classes=num_classes)
 
 
-def _adm_config_from(sd):
-    cfg = copy.deepcopy(ADM_IMAGENET64)
+def _adm_config_from(sd, base=None):
+    cfg = copy.deepcopy(dict(base or ADM_IMAGENET64))
     if "input_blocks.0.0.weight" in sd:
         cfg["in_channels"] = int(sd["input_blocks.0.0.weight"].shape[1])
     if "out.2.weight" in sd:
@@ -774,12 +778,14 @@ def edm_adm_teacher(unet, num_classes=None):
                       config_extra=dict(backbone="diffusers-unet2d", unet_config=ucfg))
 
 
-def _load_edm_adm(where, qkv_order="flash"):
+def _load_edm_adm(where, qkv_order="flash", unet_config=None):
+    """edm-adm: the ADM state dict at `where` into a UNet2DModel of `unet_config` (default
+    ADM_IMAGENET64; in/out channels and classes read from the tensors), wrapped by EDMTeacher."""
+    sd = C.load_checkpoint(where)  # "not found" before "needs diffusers"
     diffusers = _need_diffusers()
-    sd = C.load_checkpoint(where)
     if isinstance(sd, dict) and "state_dict" in sd:
         sd = sd["state_dict"]
-    cfg = _adm_config_from(sd)
+    cfg = _adm_config_from(sd, unet_config)
     try:
         mapped = adm_to_diffusers(sd, cfg, qkv_order)
     except ValueError as e:
@@ -843,6 +849,8 @@ def student_copy(teacher, clip_x0=False):
     clamped level (a' = alpha at its lowest logSNR), so its error amplification is 1/a'_min, not
     1/alpha(1). v-prediction and EDM copies need no change (their maps have no division by a small
     number). Guidance-weight inputs (w_embed, LCM) are not available for wrapped networks."""
+    if getattr(teacher, "_hook", None) is not None:
+        teacher._hook.out = None  # the last forward's features: a graph tensor deepcopy refuses
     student = copy.deepcopy(teacher)
     for m in student.modules():
         if isinstance(m, nn.Dropout):
