@@ -493,6 +493,10 @@ def ramped_betas(betas, frac, ramp):
 def student_of(teacher, **overrides):
     """A trainable copy of the teacher without dropout (distillation trains students without it;
     PD, CD), with config overrides such as w_embed=True (new layers start at zero)."""
+    if hasattr(teacher, "make_student"):  # a published teacher (published.py) copies itself
+        if overrides.get("w_embed"):
+            raise ValueError("a published teacher has no guidance-weight input to give a student")
+        return teacher.make_student()
     student = UNet(**{**teacher.config, "dropout": 0.0, **overrides}).to(next(teacher.parameters()).device)
     student.load_state_dict(teacher.state_dict(), strict=not overrides.get("w_embed"))
     return student.train().requires_grad_(True)

@@ -819,6 +819,15 @@ def default_teacher_path(dataset, cond=False):
     return os.path.join("runs", f"teacher-{dataset}{'-cond' if cond else ''}", "ckpt.pt")
 
 
+def build_net(config):
+    """A network (random weights) from the `config` a checkpoint saved: our U-Net, or a wrapped
+    published one (config["kind"]: published.py, which needs diffusers)."""
+    if "kind" in config:
+        import published  # optional: diffusers / EDM wrappers
+        return published.build_from_config(config)
+    return C.UNet(**config)
+
+
 def load_net(path, device="cpu"):
     """The sampling network of any checkpoint this project writes, with its sampler kind.
 
@@ -831,6 +840,6 @@ def load_net(path, device="cpu"):
     if key not in ck or "model_config" not in ck:
         fail(f"{path} holds no network ('net' or 'ema' with 'model_config'): pass a ckpt.pt "
              f"written by teacher.py or a method script")
-    model = C.UNet(**ck["model_config"]).to(device)
+    model = build_net(ck["model_config"]).to(device)
     load_weights(model, ck[key], what=path)
     return model.eval().requires_grad_(False), ck.get("sampler", "ddim"), ck

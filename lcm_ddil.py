@@ -248,6 +248,9 @@ def main(argv=None):
     guided = nc > 0 and cfg.w_max > 0  # a w-conditioned student distils the guided teacher
     w_eval = 0.5 * (cfg.w_min + cfg.w_max) if guided else 0.0
 
+    if guided and hasattr(teacher, "make_student"):
+        H.fail(f"--teacher {cfg.teacher} (published) has no guidance-weight input for an LCM student: "
+               f"pass --w-min 0 --w-max 0 (CD at its labels, unguided)")
     student = C.student_of(teacher, w_embed=guided)
     target = make_target(student, cfg.target_ema)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)

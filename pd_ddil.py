@@ -183,7 +183,7 @@ def rollout_states(net, x1, y, w, N, sub, bound):
 
 def stage_teacher(ck, path, device):
     """The teacher of the stage a checkpoint was written in (frozen)."""
-    teacher = C.UNet(**ck["teacher_config"]).to(device)
+    teacher = H.build_net(ck["teacher_config"]).to(device)
     H.load_weights(teacher, ck["teacher"], what=path)
     return teacher.eval().requires_grad_(False)
 

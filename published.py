@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common as C
+import harness as H
 
 PREFIXES = ("diffusers", "edm-adm", "edm-pkl")
 
@@ -45,7 +46,7 @@ def _need_diffusers():
     try:
         import diffusers  # noqa: F401
     except ImportError:
-        C.fail("published teachers of this kind need the optional package diffusers: "
+        H.fail("published teachers of this kind need the optional package diffusers: "
                "pip install diffusers")
     return diffusers
 
@@ -654,13 +655,13 @@ def read_edm_pickle(path, key="ema"):
     under a non-commercial licence and is never vendored here.
     """
     if not os.path.isfile(path):
-        C.fail(f"EDM pickle {path!r} not found")
+        H.fail(f"EDM pickle {path!r} not found")
     with open(path, "rb") as fh:
         up = _InertUnpickler(fh)
         try:
             top = up.load()
         except Exception as e:
-            C.fail(f"could not read {path!r} as a network pickle ({type(e).__name__}: "
+            H.fail(f"could not read {path!r} as a network pickle ({type(e).__name__}: "
                    f"{str(e).splitlines()[0][:120] if str(e) else ''})")
     obj = top[key] if isinstance(top, dict) and key in top else top
     sd = {}
@@ -705,11 +706,11 @@ def _diffusers_folder(where):
         cands = [os.path.join(where, "scheduler_config.json"),
                  os.path.join(os.path.dirname(os.path.abspath(where)), "scheduler", "scheduler_config.json")]
     if not os.path.isfile(os.path.join(unet_dir, "config.json")):
-        C.fail(f"diffusers teacher {where!r}: no UNet config.json under {unet_dir!r}")
+        H.fail(f"diffusers teacher {where!r}: no UNet config.json under {unet_dir!r}")
     for c in cands:
         if os.path.isfile(c):
             return unet_dir, _read_json(c)
-    C.fail(f"diffusers teacher {where!r}: no scheduler config (looked for {', '.join(cands)})")
+    H.fail(f"diffusers teacher {where!r}: no scheduler config (looked for {', '.join(cands)})")
 
 
 def load_published_teacher(spec, device="cpu", edm_repo=None, num_classes=None):
@@ -728,7 +729,7 @@ def load_published_teacher(spec, device="cpu", edm_repo=None, num_classes=None):
     Every failure is one line (common.fail): unknown prefix, missing file, missing diffusers.
     """
     if not is_published_spec(spec):
-        C.fail(f"--teacher {spec!r}: unknown published-teacher prefix; use one of "
+        H.fail(f"--teacher {spec!r}: unknown published-teacher prefix; use one of "
                f"{', '.join(p + ':' for p in PREFIXES)}")
     kind, where = spec.split(":", 1)
     if kind == "edm-pkl":
@@ -746,14 +747,14 @@ def _load_diffusers(where, num_classes=None):
         unet_dir, sched = _diffusers_folder(where)
         unet = diffusers.UNet2DModel.from_pretrained(unet_dir)
     elif os.path.exists(where) or where.startswith((".", os.sep)) or where.count("/") != 1:
-        C.fail(f"diffusers teacher {where!r} not found (a local folder, or a hub id owner/name)")
+        H.fail(f"diffusers teacher {where!r} not found (a local folder, or a hub id owner/name)")
     else:
         try:
             from huggingface_hub import hf_hub_download
             unet = diffusers.UNet2DModel.from_pretrained(where, subfolder="unet")
             sched = _read_json(hf_hub_download(where, "scheduler_config.json", subfolder="scheduler"))
         except Exception as e:  # offline, no such repo, not a UNet2DModel pipeline
-            C.fail(f"diffusers teacher {where!r} could not be loaded from the hub "
+            H.fail(f"diffusers teacher {where!r} could not be loaded from the hub "
                    f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
     return DiffusersTeacher(unet, sched, num_classes=num_classes)
 
@@ -781,7 +782,7 @@ def edm_adm_teacher(unet, num_classes=None):
 def _load_edm_adm(where, qkv_order="flash", unet_config=None):
     """edm-adm: the ADM state dict at `where` into a UNet2DModel of `unet_config` (default
     ADM_IMAGENET64; in/out channels and classes read from the tensors), wrapped by EDMTeacher."""
-    sd = C.load_checkpoint(where)  # "not found" before "needs diffusers"
+    sd = H.load_checkpoint(where)  # "not found" before "needs diffusers"
     diffusers = _need_diffusers()
     if isinstance(sd, dict) and "state_dict" in sd:
         sd = sd["state_dict"]
@@ -789,33 +790,33 @@ def _load_edm_adm(where, qkv_order="flash", unet_config=None):
     try:
         mapped = adm_to_diffusers(sd, cfg, qkv_order)
     except ValueError as e:
-        C.fail(f"{where}: {e} (edm-adm expects the ImageNet-64 ADM layout of edm_imagenet64_ema.pt)")
+        H.fail(f"{where}: {e} (edm-adm expects the ImageNet-64 ADM layout of edm_imagenet64_ema.pt)")
     unet = diffusers.UNet2DModel(**cfg)
-    C.load_weights(unet, {k: v.float() for k, v in mapped.items()}, what=where)
+    H.load_weights(unet, {k: v.float() for k, v in mapped.items()}, what=where)
     return edm_adm_teacher(unet)
 
 
 def _load_edm_pkl(where, edm_repo):
     if not edm_repo:
-        C.fail(f"edm-pkl:{where}: NVlabs EDM pickles need your own EDM checkout "
+        H.fail(f"edm-pkl:{where}: NVlabs EDM pickles need your own EDM checkout "
                f"(github.com/NVlabs/edm, non-commercial licence, not shipped here): pass its path "
                f"as edm_repo (--edm-repo); the pickle is then read without executing it")
     if not os.path.isdir(os.path.join(edm_repo, "training")):
-        C.fail(f"--edm-repo {edm_repo!r} has no training/ package: point it at an EDM checkout")
+        H.fail(f"--edm-repo {edm_repo!r} has no training/ package: point it at an EDM checkout")
     info = read_edm_pickle(where)
     import importlib
     sys.path.insert(0, os.path.abspath(edm_repo))
     try:
         networks = importlib.import_module("training.networks")
     except Exception as e:
-        C.fail(f"could not import training.networks from {edm_repo!r} ({type(e).__name__}: {e})")
+        H.fail(f"could not import training.networks from {edm_repo!r} ({type(e).__name__}: {e})")
     finally:
         sys.path.remove(os.path.abspath(edm_repo))
     cls = getattr(networks, info["class_name"] or "", None)
     if cls is None:
-        C.fail(f"{where}: network class {info['class_name']!r} not in {edm_repo}/training/networks.py")
+        H.fail(f"{where}: network class {info['class_name']!r} not in {edm_repo}/training/networks.py")
     net = cls(*info["init_args"], **info["init_kwargs"])
-    C.load_weights(net, info["state_dict"], what=where)
+    H.load_weights(net, info["state_dict"], what=where)
     label_dim = int(getattr(net, "label_dim", 0) or 0)
     return EDMTeacher(net.model, num_classes=label_dim, in_ch=int(net.img_channels),
                       resolution=int(net.img_resolution), sigma_data=float(net.sigma_data),
@@ -837,7 +838,7 @@ def build_from_config(config):
     if cfg.get("kind") == "edm" and cfg.get("backbone") == "diffusers-unet2d":
         diffusers = _need_diffusers()
         return edm_adm_teacher(diffusers.UNet2DModel.from_config(cfg["unet_config"]), cfg["num_classes"])
-    C.fail(f"cannot rebuild a network of kind {cfg.get('kind')!r} / backbone "
+    H.fail(f"cannot rebuild a network of kind {cfg.get('kind')!r} / backbone "
            f"{cfg.get('backbone')!r} from its config")
 
 
@@ -861,3 +862,12 @@ def student_copy(teacher, clip_x0=False):
     # deepcopy copies the feature hook together with its module (one memo): the copy's hook
     # records the copy's mid block
     return student.train().requires_grad_(True)
+
+
+def _make_student(self):
+    """common.student_of's hook for wrapped networks: student_copy(self)."""
+    return student_copy(self)
+
+
+DiffusersTeacher.make_student = _make_student
+EDMTeacher.make_student = _make_student

@@ -155,7 +155,17 @@ def main(argv=None):
 def load_teacher(path, dataset, device="cpu", cond=False):
     """The teacher's EMA network (eval mode, frozen) and its saved config dict, for the method
     scripts. With no path, runs/teacher-<dataset>[-cond]/ckpt.pt; when that is missing, this
-    file trains it first (saying so), so a method script runs end to end on a fresh machine."""
+    file trains it first (saying so), so a method script runs end to end on a fresh machine.
+    A published teacher (`diffusers:<folder or hub id>`, `edm-adm:<.pt>`, `edm-pkl:<.pkl>`) is
+    wrapped to the same interface by published.py."""
+    import published
+    if published.is_published_spec(path):  # diffusers:..., edm-adm:..., edm-pkl:...
+        model = published.load_published_teacher(path, device)
+        ch, res, _ = H.DATASETS[dataset]
+        if (model.config["in_ch"], model.config["resolution"]) != (ch, res):
+            H.fail(f"--teacher {path} makes {model.config['in_ch']}x{model.config['resolution']}^2 "
+                   f"images but --dataset {dataset} is {ch}x{res}^2; pass a matching --dataset")
+        return model, {"dataset": dataset, "teacher": path}
     if not path:
         path = H.default_teacher_path(dataset, cond)
         if not os.path.isfile(path):

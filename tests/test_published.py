@@ -4,8 +4,6 @@ Tests that build a real diffusers UNet2DModel skip without diffusers (CI install
 only); the Gaussian-oracle, EDM, key-map-free and pickle tests need torch alone.
 """
 import collections
-import math
-import os
 import pickle
 import sys
 import types
@@ -552,3 +550,36 @@ def test_edm_pkl_with_user_checkout(tmp_path):
     finally:
         for k in [k for k in sys.modules if k == "training" or k.startswith("training.")]:
             sys.modules.pop(k)
+
+
+@pytest.mark.parametrize("method", ["pd", "lcm", "dmd2"])
+def test_each_method_distils_a_diffusers_teacher_end_to_end(method, tmp_path):
+    """--teacher diffusers:<folder>: the student is a copy of the wrapped UNet2DModel, trained,
+    checkpointed, and sampled again through evaluate.py from the checkpoint alone."""
+    import json
+    import dmd2_ddil
+    import evaluate
+    import lcm_ddil
+    import pd_ddil
+    unet = tiny_unet(seed=1)
+    unet.save_pretrained(tmp_path / "teacher" / "unet")
+    (tmp_path / "teacher" / "scheduler").mkdir()
+    (tmp_path / "teacher" / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "DDPMScheduler", **SCHEDS["linear"], "prediction_type": "epsilon"}))
+    out = tmp_path / method
+    common = ["--teacher", f"diffusers:{tmp_path / 'teacher'}", "--out", str(out), "--batch-size", "4",
+              "--eval-samples", "12", "--shift-samples", "4", "--buffer-size", "16", "--refresh", "2",
+              "--log-every", "1", "--beta-data", "0.5", "--beta-student", "0.5", "--reference-steps", "4"]
+    main, extra = {"pd": (pd_ddil.main, ["--teacher-steps", "4", "--steps", "2", "--iters-per-stage", "2",
+                                         "--stage-eval-samples", "8"]),
+                   "lcm": (lcm_ddil.main, ["--iters", "2", "--steps", "2", "--grid", "4", "--refresh-every", "1"]),
+                   "dmd2": (dmd2_ddil.main, ["--iters", "2", "--steps", "2", "--teacher-substeps", "2",
+                                             "--fake-updates", "1"])}[method]
+    student = main(common + extra)
+    assert isinstance(student, P.DiffusersTeacher) and student.clip_x0 is False
+    m = json.loads((out / "metrics.json").read_text())
+    res = evaluate.main([str(out / "ckpt.pt"), "--steps", "2", "--num-samples", "12", "--out", str(tmp_path / "ev")])
+    assert res["rows"]["2"] == m["student"]["2"]  # rebuilt from the checkpoint's config alone
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    teacher = P.load_published_teacher(f"diffusers:{tmp_path / 'teacher'}")
+    assert any(not torch.equal(a, b) for a, b in zip(ck["net"].values(), teacher.state_dict().values()))
