@@ -465,6 +465,31 @@ def replay(buf, rollout, n, trajectories, traj_len):
     return buf.sample(n)
 
 
+@torch.no_grad()
+def dagger_rollout(x1, steps, own_step, expert_step=None, p=0.0):
+    """The states x1, x_2, ..., x_{steps+1} of a rollout whose every step is the rolling-out
+    network's own, own_step(x, i, idx), or, for each trajectory with probability p, the expert's
+    action expert_step(x, i, idx) from the same state: DAgger's mixture pi = p pi* + (1 - p) pi_hat
+    (p = 0: the network's own sampler). idx are the trajectories' indices (labels, noise)."""
+    states, x = [x1], x1
+    idx = torch.arange(len(x1), device=x1.device)
+    for i in range(steps):
+        nxt = own_step(x, i, idx)
+        if p > 0:
+            expert = torch.rand(len(x), device=x.device) < p
+            if expert.any():
+                nxt = nxt.clone()
+                nxt[expert] = expert_step(x[expert], i, idx[expert]).to(nxt.dtype)
+        states.append(nxt)
+        x = nxt
+    return states
+
+
+def select(v, idx):
+    """v[idx] for per-sample labels / weights; None and plain numbers pass through."""
+    return v[idx] if torch.is_tensor(v) and v.dim() else v
+
+
 def cat_states(*parts):
     """Concatenate (x, t, y, w) state batches from the DDIL sources (None or empty: skipped; y None:
     no labels, -1; w None: 0); also returns each state's source (0 data, 1 teacher, 2 student)."""

@@ -90,6 +90,7 @@ class Config:
     beta_teacher: float = 0.0      # (module docstring, bench/results/table.md)
     beta_student: float = 1.0
     beta_ramp: float = 0.0         # beta_student rises from 0 over this fraction of training
+    rollout_teacher_p: float = 0.0  # each own-rollout step is the teacher's with this probability
     eval_every: int = 0            # FD at K every this many iterations into log.jsonl (0 = off)
     eval_every_samples: int = 250  # ... on this many samples (the same noise each time)
     bound: str = "reflect"         # training: G's samples and the rollouts
@@ -99,6 +100,7 @@ class Config:
     refresh: int = 4               # fresh trajectories per rollout source at each refresh,
     refresh_every: int = 1         # ... every this many iterations
     reference_steps: int = 64      # the many-step teacher row beside G
+    ref_samples: int = 5000        # FD against this many teacher samples at reference_steps (0: off)
     teacher_substeps: int = 8      # teacher DDIM steps per student step (rollouts, diagnostic labels)
     fake_updates: int = 5          # G steps once per this many mu_fake steps (two time-scale rule)
     gan_weight: float = 3e-3       # 0 turns the GAN off
@@ -118,10 +120,10 @@ PRESETS = {  # per-process batch for 8 GPUs; DMD2's ImageNet-64 recipe: lr 2e-6 
     # steps per G step, GAN weights 3e-3 / 1e-2, bf16. Global batch 8 x 40 = 320 and 200k iterations
     # are this code's choice (DMD2's own run length and batch are not checked here).
     "imagenet64": dict(iters=200_000, batch_size=40, lr=2e-6, fake_updates=5, ckpt_every=5000,
-                       log_every=100, buffer_size=8192, eval_samples=50_000, cond=True),
+                       log_every=100, buffer_size=8192, eval_samples=50_000, ref_samples=0, cond=True),
     # no published CIFAR-10 DMD2 recipe: the ImageNet-64 one, at a 32x32 batch of 8 x 64 = 512
     "cifar10": dict(iters=200_000, batch_size=64, lr=2e-6, fake_updates=5, ckpt_every=5000,
-                    log_every=100, buffer_size=8192, eval_samples=50_000),
+                    log_every=100, buffer_size=8192, eval_samples=50_000, ref_samples=0),
 }
 
 
@@ -196,13 +198,19 @@ def data_states(x0, y, taus):
 
 
 @torch.no_grad()
-def backward_simulation(G, x1, y, taus, bound):
+def backward_simulation(G, x1, y, taus, bound, T=None, w=0.0, substeps=1, p=0.0):
     """DMD2's backward simulation: G's re-noising sampler from noise x1 at tau_1 to tau_K, no grad.
-    Returns the states at every sampling time, [K n] (tau-major), with their times and labels."""
+    Returns the states at every sampling time, [K n] (tau-major), with their times and labels.
+    With p > 0 each step is, with probability p, the teacher's own action from that state (its
+    guided DDIM, `substeps` per student step): --rollout-teacher-p, DAgger's mixture."""
     K = len(taus)
     noises = [torch.randn_like(x1) for _ in range(K - 1)]
-    x, states = C.ddim_sample(C.guided(G, y), x1, taus, bound, noises, return_states=True)
-    return _trajectory(states + [x], taus, y, None)
+    fine = C.time_grid(K * substeps)
+    own = lambda x, i, idx: C.ddim_sample(C.guided(G, C.select(y, idx)), x, taus[i:i + 2], bound,  # noqa: E731
+                                          [noises[i][idx]])
+    expert = lambda x, i, idx: C.ddim_sample(C.guided(T, C.select(y, idx), w), x,  # noqa: E731
+                                             fine[i * substeps:(i + 1) * substeps + 1], bound)
+    return _trajectory(C.dagger_rollout(x1, K - 1, own, expert, p), taus, y, None)
 
 
 @torch.no_grad()
@@ -346,7 +354,9 @@ def main(argv=None):
                 C.replay(buffers["teacher"], lambda n: teacher_rollout(
                     T, *new_trajectories(n), cfg.guidance, taus, cfg.teacher_substeps, cfg.bound),
                     n_teacher, refresh, K),
-                C.replay(buffers["student"], lambda n: backward_simulation(G, *new_trajectories(n), taus, cfg.bound),
+                C.replay(buffers["student"], lambda n: backward_simulation(
+                    G, *new_trajectories(n), taus, cfg.bound, T, cfg.guidance, cfg.teacher_substeps,
+                    cfg.rollout_teacher_p),
                          n_student, refresh, K))
             y = y if nc else None
         # every iteration makes samples for mu_fake; every fake_updates-th one also steps G on them
@@ -383,7 +393,7 @@ def main(argv=None):
             return (g - label).pow(2).mean(dim=(1, 2, 3))
     ks = sorted({1, K})
     E.final_evaluation(cfg.out, G, "renoise", ks, T, sorted({1, K, cfg.reference_steps}), cfg.eval_samples,
-                                imitation_error, cfg.shift_samples, w_student=0.0, extra={
+                                imitation_error, cfg.shift_samples, ref_samples=cfg.ref_samples, w_student=0.0, extra={
                                     "it_per_s": step / max(train_time, 1e-9),
                                     "train_time_s": train_time, "config": asdict(cfg)},
                                 **{**protocol, "w": cfg.guidance})

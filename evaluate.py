@@ -358,38 +358,110 @@ def fd_during_training(net, kind, steps, num_samples, **protocol):
     return {"fd": m["fd"], "kid": m["kid"]}
 
 
-def reference_rows(teacher, steps_list, num_samples, **protocol):
-    """{K: metrics} of the teacher's DDIM sampler at each K (report it beside every student, at
-    the same guidance weight protocol["w"] and the same labels)."""
-    return {str(int(K)): evaluate_net(teacher, "ddim", int(K), num_samples, **protocol)[0] for K in steps_list}
+def feature_extractor(dataset, device="cpu", cache_dir=CACHE_DIR, data_dir="data", inception_weights=""):
+    """The feature network of a data set: the digits classifier, else Inception."""
+    if dataset == "digits":
+        return digits_extractor(cache_dir, data_dir)
+    return inception_extractor(device, inception_weights)
+
+
+def weights_digest(net):
+    """A hash of a network's weights: names a cache that only those weights made."""
+    h = hashlib.sha256()
+    for k, v in C.unwrap(net).state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def teacher_reference(teacher, n, steps, w=0.0, dataset="digits", bound="clip", seed=0, device="cpu",
+                      data_dir="data", cache_dir=CACHE_DIR, inception_weights=""):
+    """What distillation tries to match: features of n samples of the teacher's own `steps`-step
+    DDIM (balanced labels, guidance w; seeds of their own, so no student shares their noise),
+    with its noise floor, FD / KID between two such independent sets (a floor that the size of
+    the real data set does not limit). Cached on disk by the teacher's weights and the protocol.
+    Every rank samples; rank 0 returns {features, n, steps, floor_fd, floor_kid}, others None."""
+    key = hashlib.sha256(repr((weights_digest(teacher), n, steps, float(w), bound, seed,
+                               dataset)).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"teacher-ref-{key}.pt")
+    if os.path.isfile(path):
+        return torch.load(path, weights_only=True) if H.is_main() else None
+    xa = sample(teacher, "ddim", steps, n, bound, seed + 10_000, device, w)
+    xb = sample(teacher, "ddim", steps, n, bound, seed + 20_000, device, w)
+    if not H.is_main():
+        return None
+    extract = feature_extractor(dataset, device, cache_dir, data_dir, inception_weights)
+    fa, fb = extract(to_uint8(xa))[0], extract(to_uint8(xb))[0]
+    floor = compare(fa, fb, device)
+    ref = {"features": fa, "n": n, "steps": steps, "floor_fd": floor["fd"], "floor_kid": floor["kid"]}
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(ref, tmp)
+    os.replace(tmp, path)
+    return ref
+
+
+def paired_distance(a, b, extract):
+    """Two sample sets drawn from the same noise and labels: the mean squared pixel difference
+    per sample, and the mean squared feature difference per feature dimension."""
+    px = float((a.float() - b.float()).square().flatten(1).mean(1).mean())
+    fa, fb = extract(to_uint8(a))[0], extract(to_uint8(b))[0]
+    return {"paired_px": px, "paired_feat": float((fa - fb).square().mean(1).mean())}
 
 
 def final_evaluation(out, student, kind, student_ks, teacher, teacher_ks, num_samples, error_fn,
-                     shift_samples, w=0.0, w_student=None, extra=None, **protocol):
+                     shift_samples, w=0.0, w_student=None, ref_samples=0, extra=None, **protocol):
     """The evaluation that ends every method script, one protocol: the student at each K in
     student_ks (sampled at w_student: its w input, or 0 for a student that distilled guidance w
-    into itself), the teacher's DDIM at teacher_ks with guidance w, both at balanced labels;
-    the covariate shift of the student at its last K (error_fn(x_t, t, y) -> per-sample imitation
-    error); samples.png and metrics.json in `out`, a table on stdout. Returns the metrics (rank 0;
-    other ranks get the rows only)."""
+    into itself), the teacher's DDIM at teacher_ks with guidance w, both at balanced labels.
+
+    Every row has FD / KID ... against the real data; with ref_samples > 0 also fd_teacher /
+    kid_teacher against the teacher's own samples at max(teacher_ks) steps (teacher_reference,
+    with its noise floor in result["teacher_ref"]); rows whose sampler is a deterministic function
+    of its noise (DDIM, or one step) have paired_px / paired_feat, the distance to the teacher's
+    max(teacher_ks)-step sample from the same noise and label. Then the covariate shift of the
+    student at its last K (error_fn(x_t, t, y) -> per-sample imitation error); samples.png and
+    metrics.json in `out`, a table on stdout. Returns the metrics (rank 0; others: the rows)."""
     w_student = w if w_student is None else w_student
-    rows, samples = {}, None
+    students, teachers = {}, {}
     for k in student_ks:
-        rows[str(k)], samples = evaluate_net(student, kind, k, num_samples, w=w_student, **protocol)
-    result = {"student": rows, "teacher": reference_rows(teacher, teacher_ks, num_samples, w=w, **protocol),
+        students[str(k)] = evaluate_net(student, kind, k, num_samples, w=w_student, **protocol)
+    for k in teacher_ks:
+        teachers[str(k)] = evaluate_net(teacher, "ddim", k, num_samples, w=w, **protocol)
+    ref_steps = str(max(teacher_ks))
+    ref = teacher_reference(teacher, ref_samples, max(teacher_ks), w, **protocol) if ref_samples else None
+    result = {"student": {k: m for k, (m, _) in students.items()},
+              "teacher": {k: m for k, (m, _) in teachers.items()},
               "w": w if teacher.num_classes else None, "sample_bound": protocol.get("bound", "clip")}
     if not H.is_main():
         return result
+    extract = feature_extractor(protocol.get("dataset", "digits"), protocol.get("device", "cpu"),
+                                data_dir=protocol.get("data_dir", "data"))
+    x_ref = teachers[ref_steps][1]
+    for rows, kinds in ((students, kind), (teachers, "ddim")):
+        for k, (m, x) in rows.items():
+            if ref is not None:
+                fx = extract(to_uint8(x))[0]
+                m["fd_teacher"] = frechet_distance(ref["features"], fx)
+                m["kid_teacher"] = kid(ref["features"], fx)
+            deterministic = kinds == "ddim" or k == "1"
+            m.update(paired_distance(x, x_ref, extract) if deterministic else
+                     {"paired_px": None, "paired_feat": None})
+    if ref is not None:
+        result["teacher_ref"] = {k: ref[k] for k in ("n", "steps", "floor_fd", "floor_kid")}
     result["covariate_shift"] = covariate_shift(
         error_fn, *grid_states(student, kind, student_ks[-1], shift_samples, w=w_student, **protocol))
     result.update(extra or {})
-    H.save_grid(samples[:64], os.path.join(out, "samples.png"), nrow=8)
+    H.save_grid(students[str(student_ks[-1])][1][:64], os.path.join(out, "samples.png"), nrow=8)
     H.write_json(result, os.path.join(out, "metrics.json"))
     print(HEADER)
-    for k, m in rows.items():
+    for k, m in result["student"].items():
         print(fmt_row(f"student K={k}", m))
     for k, m in result["teacher"].items():
         print(fmt_row(f"teacher K={k}", m))
+    if ref is not None:
+        print(f"FD against {ref['n']} teacher samples at {ref['steps']} steps; its floor (two such "
+              f"sets): {ref['floor_fd']:.4f}", flush=True)
     cs = result["covariate_shift"]
     print("covariate shift (t: err_own / err_data): " +
           ", ".join(f"{t:.2f}: {r:.2f}" for t, r in zip(cs["t"], cs["ratio"])), flush=True)
@@ -503,14 +575,15 @@ def checkpoint_w(net, ck, w=None):
 
 
 def fmt_row(label, m):
-    ent = "-" if m.get("entropy") is None else f"{m['entropy']:.3f}"
-    acc = "-" if m.get("cond_acc") is None else f"{m['cond_acc']:.3f}"
+    def f(key, spec):
+        return "-" if m.get(key) is None else format(m[key], spec)
     return (f"{label:>14} {m['fd']:>10.4f} {m['kid']:>10.5f} {m['precision']:>9.3f} "
-            f"{m['recall']:>7.3f} {ent:>8} {acc:>8}")
+            f"{m['recall']:>7.3f} {f('entropy', '.3f'):>8} {f('cond_acc', '.3f'):>8} "
+            f"{f('fd_teacher', '.4f'):>10} {f('paired_px', '.4f'):>9}")
 
 
 HEADER = (f"{'':>14} {'fd':>10} {'kid':>10} {'precision':>9} {'recall':>7} {'entropy':>8} "
-          f"{'cond_acc':>8}")
+          f"{'cond_acc':>8} {'fd_teacher':>10} {'paired_px':>9}")
 
 
 def main(argv=None):

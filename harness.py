@@ -103,6 +103,8 @@ def check_ddil(cfg):
     """The flags every method script shares (priors, their ramp, the FD curve) -> the priors."""
     if not 0 <= cfg.beta_ramp <= 1:
         fail(f"--beta-ramp is a fraction of training in [0, 1], got {cfg.beta_ramp}")
+    if not 0 <= getattr(cfg, "rollout_teacher_p", 0.0) <= 1:
+        fail(f"--rollout-teacher-p is a probability in [0, 1], got {cfg.rollout_teacher_p}")
     if cfg.eval_every < 0:
         fail(f"--eval-every must be >= 0 (0 = no FD curve), got {cfg.eval_every}")
     check_positive(cfg, "eval_every_samples")

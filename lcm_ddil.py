@@ -72,6 +72,7 @@ class Config:
     beta_teacher: float = 0.0
     beta_student: float = 0.5
     beta_ramp: float = 0.0        # beta_student rises from 0 over this fraction of training
+    rollout_teacher_p: float = 0.0  # each own-rollout step is the teacher's with this probability
     eval_every: int = 0           # FD at K every this many iterations into log.jsonl (0 = off)
     eval_every_samples: int = 250  # ... on this many samples (the same noise each time)
     bound: str = "none"           # training: the teacher's step and the rollouts
@@ -82,6 +83,7 @@ class Config:
     eval_samples: int = 2000
     shift_samples: int = 1000     # states per sampling time in the covariate-shift diagnostic
     reference_steps: int = 64     # the many-step teacher row beside the student
+    ref_samples: int = 5000        # FD against this many teacher samples at reference_steps (0: off)
     bf16: bool = True             # autocast on CUDA only
     compile: bool = False         # torch.compile the student's training forward (eager on failure)
     grad_accum: int = 1           # micro-batches per step (batch_size / grad_accum each; DDP no_sync)
@@ -92,13 +94,13 @@ class Config:
 PRESETS = {  # CD's published recipes (Song et al. 2023, Table 3); batch_size per process for 8 GPUs
     # CIFAR-10: global batch 512 = 8 x 64, lr 4e-4, 800k iterations, target = the student (mu = 0)
     "cifar10": dict(iters=800_000, batch_size=64, lr=4e-4, target_ema=0.0, ckpt_every=5000,
-                    log_every=100, buffer_size=8192, eval_samples=50_000),
+                    log_every=100, buffer_size=8192, eval_samples=50_000, ref_samples=0),
     # ImageNet-64: class-conditional and unguided (w = 0) as CD; global batch 2048 = 8 x 256, each
     # step in 8 micro-batches of 32 (DDP no_sync); lr 8e-6, 600k iterations, target EMA mu = 0.95.
     # LCM-style guided distillation instead: --w-min 1 --w-max 3 (a w-conditioned student).
     "imagenet64": dict(iters=600_000, batch_size=256, grad_accum=8, lr=8e-6, target_ema=0.95,
                        cond=True, w_min=0.0, w_max=0.0, ckpt_every=5000, log_every=100,
-                       buffer_size=8192, eval_samples=50_000),
+                       buffer_size=8192, eval_samples=50_000, ref_samples=0),
 }
 
 SD, S_T = 0.5, 10_000.0  # consistency scalings: sigma_data and the time scale (10 per 1/1000)
@@ -188,12 +190,17 @@ def teacher_rollout(teacher, x1, y, w, steps, grid, bound):
 
 
 @torch.no_grad()
-def student_rollout(student, x1, y, w, steps, bound):
-    """The student's own K-step sampler (re-noising) from noise x1: its states at tau_1..tau_K."""
-    taus = C.time_grid(steps)
+def student_rollout(student, x1, y, w, steps, bound, teacher=None, grid=0, p=0.0):
+    """The student's own K-step sampler (re-noising) from noise x1: its states at tau_1..tau_K.
+    With p > 0 each step is, with probability p, the teacher's own action from that state (its
+    DDIM on the training grid down to the next tau: --rollout-teacher-p, DAgger's mixture)."""
+    taus, fine, sub = C.time_grid(steps), C.time_grid(grid or steps), (grid or steps) // steps
     noises = [torch.randn_like(x1) for _ in range(steps)]
-    _, states = C.ddim_sample(C.guided(student, y, w), x1, taus, bound, noises, return_states=True)
-    return _trajectory(states, taus[:-1], y, w)
+    own = lambda x, i, idx: C.ddim_sample(C.guided(student, C.select(y, idx), w[idx]), x,  # noqa: E731
+                                          taus[i:i + 2], bound, [noises[i][idx]])
+    expert = lambda x, i, idx: C.ddim_sample(C.guided(teacher, C.select(y, idx), w[idx]), x,  # noqa: E731
+                                             fine[i * sub:(i + 1) * sub + 1], bound)
+    return _trajectory(C.dagger_rollout(x1, steps - 1, own, expert, p), taus[:-1], y, w)
 
 
 def _trajectory(states, taus, y, w):
@@ -287,7 +294,8 @@ def main(argv=None):
             data_states(x0[:n_data], y0[:n_data], guidance_weights(n_data, *w_range, device), N),
             C.replay(buffers["teacher"], lambda n: teacher_rollout(teacher, *new_trajectories(n), K, N, cfg.bound),
                      n_teacher, refresh, K),
-            C.replay(buffers["student"], lambda n: student_rollout(student, *new_trajectories(n), K, cfg.bound),
+            C.replay(buffers["student"], lambda n: student_rollout(student, *new_trajectories(n), K, cfg.bound,
+                                                                       teacher, N, cfg.rollout_teacher_p),
                      n_student, refresh, K))
         losses = train_step(net, student, target, teacher, opt, x, t, y if nc else None, w, cfg)
         step += 1
@@ -321,7 +329,7 @@ def main(argv=None):
                                     cfg.loss, cfg.huber_c)
     ks = sorted({1, 2, K})
     E.final_evaluation(cfg.out, student, "renoise", ks, teacher, ks + [cfg.reference_steps],
-                                cfg.eval_samples, imitation_error, cfg.shift_samples, extra={
+                                cfg.eval_samples, imitation_error, cfg.shift_samples, ref_samples=cfg.ref_samples, extra={
                                     "it_per_s": step / train_time if train_time > 0 else None,
                                     "train_time_s": train_time, "config": asdict(cfg)}, **protocol)
     H.barrier()

@@ -61,6 +61,7 @@ class Config:
     guidance: float = 0.0          # classifier-free guidance of the first teacher (conditional only)
     teacher_steps: int = 64        # the first stage's teacher sampler
     reference_steps: int = 64      # the many-step teacher row beside the student
+    ref_samples: int = 5000        # FD against this many teacher samples at reference_steps (0: off)
     steps: int = 4                 # K, the final student's sampler; teacher_steps / 2^stages
     iters_per_stage: int = 400
     iters: int = 0                 # stop after this many iterations in all (0 = every stage); rerun resumes
@@ -71,6 +72,7 @@ class Config:
     beta_teacher: float = 0.0
     beta_student: float = 0.5
     beta_ramp: float = 0.0         # beta_student rises from 0 over this fraction of training
+    rollout_teacher_p: float = 0.0  # each own-rollout step is the teacher's with this probability
     eval_every: int = 0            # FD at K every this many iterations into log.jsonl (0 = off)
     eval_every_samples: int = 250  # ... on this many samples (the same noise each time)
     bound: str = "none"            # training: the teacher's steps and the rollouts
@@ -95,10 +97,10 @@ class Config:
 PRESETS = {  # per-process batch for 8 GPUs: 8 x 16 = 128, the published CIFAR-10 batch; on one GPU
     # pass --batch-size 128 (fits; --grad-accum 2 halves the activations). lr 5e-5 decayed to 0 per
     # stage, 50k iterations per stage, grad-clip 1, no EMA, no dropout (the student trains in eval mode)
-    "cifar10": dict(lr=5e-5, iters_per_stage=50_000, batch_size=16, eval_samples=50_000,
+    "cifar10": dict(lr=5e-5, iters_per_stage=50_000, batch_size=16, eval_samples=50_000, ref_samples=0,
                     ckpt_every=5000, log_every=100),
     # not a published recipe (PD published none at 64x64): the CIFAR-10 one at the same batch
-    "imagenet64": dict(lr=5e-5, iters_per_stage=50_000, batch_size=16, eval_samples=50_000,
+    "imagenet64": dict(lr=5e-5, iters_per_stage=50_000, batch_size=16, eval_samples=50_000, ref_samples=0,
                        ckpt_every=5000, log_every=100, cond=True),
 }
 
@@ -171,14 +173,20 @@ def data_states(x0, y, N):
 
 
 @torch.no_grad()
-def rollout_states(net, x1, y, w, N, sub, bound):
+def rollout_states(net, x1, y, w, N, sub, bound, expert=None, expert_w=0.0, p=0.0):
     """The trajectories of net's N*sub-step DDIM sampler from noise x1 (labels y, guidance w), kept
     at every sub-th state, i.e. at t = 1, (N-1)/N, ..., 1/N: (x [n N, ...], t, y, w), t-major.
-    The teacher's rollouts run its own 2N-step sampler (sub = 2), the student's its N steps."""
-    n = len(x1)
-    _, states = C.ddim_sample(C.guided(net, y, w), x1, C.time_grid(N * sub), bound, return_states=True)
+    The teacher's rollouts run its own 2N-step sampler (sub = 2), the student's its N steps; with
+    p > 0 each student step is, with probability p, the expert's (the stage teacher's two DDIM
+    steps at its guidance expert_w): --rollout-teacher-p, DAgger's mixture."""
+    n, ts, fine = len(x1), C.time_grid(N * sub), C.time_grid(N * 2)
+    own = lambda x, i, idx: C.ddim_sample(C.guided(net, C.select(y, idx), w), x,  # noqa: E731
+                                          ts[i * sub:(i + 1) * sub + 1], bound)
+    exp = lambda x, i, idx: C.ddim_sample(C.guided(expert, C.select(y, idx), expert_w), x,  # noqa: E731
+                                          fine[2 * i:2 * i + 3], bound)
+    states = C.dagger_rollout(x1, N - 1, own, exp, p)
     t = (torch.arange(N, 0, -1, device=x1.device).float() / N).repeat_interleave(n)
-    return torch.cat(states[::sub]), t, (None if y is None else y.repeat(N)), w
+    return torch.cat(states), t, (None if y is None else y.repeat(N)), w
 
 
 def stage_teacher(ck, path, device):
@@ -274,7 +282,8 @@ def main(argv=None):
                 data_states(x0[:n_data], y0[:n_data], N),
                 C.replay(buffers["teacher"], lambda n: rollout_states(teacher, *new_trajectories(n), w, N, 2, cfg.bound),
                          n_teacher, refresh, N),
-                C.replay(buffers["student"], lambda n: rollout_states(student, *new_trajectories(n), 0.0, N, 1, cfg.bound),
+                C.replay(buffers["student"], lambda n: rollout_states(student, *new_trajectories(n), 0.0, N, 1, cfg.bound,
+                                                                      teacher, w, cfg.rollout_teacher_p),
                          n_student, refresh, N))
             loss = train_step(net, student, teacher, opt, x_t, t, y if nc else None, w, N,
                               cfg.lr * (1.0 - j / ips), cfg)
@@ -318,7 +327,7 @@ def main(argv=None):
             return pd_loss(student, teacher, x_t, torch.full((len(x_t),), t, device=device), K,
                            cfg.bound, y, w, cfg.bf16)
     E.final_evaluation(cfg.out, student, "ddim", [K], teacher0, sorted({K, cfg.reference_steps}), cfg.eval_samples,
-                       imitation_error, cfg.shift_samples, w_student=0.0,
+                       imitation_error, cfg.shift_samples, ref_samples=cfg.ref_samples, w_student=0.0,
                        extra={"it_per_s": total / max(train_time, 1e-9), "train_time_s": train_time,
                               "config": asdict(cfg)}, **{**protocol, "w": w_guide})
     H.barrier()

@@ -102,14 +102,14 @@ BUDGETS = {  # per-script flags; "ablation_seeds": how many of --seeds the ablat
     "smoke": {"ablation_seeds": 1,
               "pd": ["--teacher-steps", "8", "--iters-per-stage", "2", "--batch-size", "8",
                      "--buffer-size", "32", "--refresh", "4", "--eval-samples", "32",
-                     "--stage-eval-samples", "16", "--shift-samples", "16", "--log-every", "1",
+                     "--stage-eval-samples", "16", "--shift-samples", "16", "--ref-samples", "16", "--log-every", "1",
                      "--eval-every", "4", "--eval-every-samples", "16"],
               "lcm": ["--iters", "3", "--batch-size", "8", "--buffer-size", "32", "--refresh", "2",
-                      "--refresh-every", "1", "--eval-samples", "32", "--reference-steps", "8",
+                      "--refresh-every", "1", "--eval-samples", "32", "--reference-steps", "8", "--ref-samples", "16",
                       "--log-every", "1", "--eval-every", "2", "--eval-every-samples", "16"],
               "dmd2": ["--iters", "3", "--batch-size", "8", "--buffer-size", "16", "--refresh", "2",
                        "--teacher-substeps", "2", "--fake-updates", "2", "--eval-samples", "32",
-                       "--shift-samples", "8", "--log-every", "1", "--eval-every", "2",
+                       "--shift-samples", "8", "--ref-samples", "16", "--log-every", "1", "--eval-every", "2",
                        "--eval-every-samples", "16"]},
 }
 

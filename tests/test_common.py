@@ -328,3 +328,17 @@ def test_wrong_shape_checkpoint_is_one_line_error(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="could not load"):
         H.load_checkpoint(str(tmp_path / "junk.pt"))
+
+
+def test_dagger_rollout_mixes_own_and_expert_steps_per_trajectory():
+    own = lambda x, i, idx: x + 1.0  # noqa: E731
+    expert = lambda x, i, idx: x + 100.0 + 0 * idx.view(-1, 1).float()  # noqa: E731
+    x1 = torch.zeros(4000, 1)
+    torch.manual_seed(0)
+    states = C.dagger_rollout(x1, 3, own, expert, p=0.0)
+    assert [s.max().item() for s in states] == [0.0, 1.0, 2.0, 3.0]
+    assert torch.equal(C.dagger_rollout(x1, 3, own, expert, p=1.0)[-1], torch.full((4000, 1), 300.0))
+    steps = C.dagger_rollout(x1, 3, own, expert, p=0.25)
+    took_expert = torch.stack([(b - a) > 50 for a, b in zip(steps, steps[1:])])  # [3, n, 1]
+    assert abs(took_expert.float().mean().item() - 0.25) < 0.02  # per step and trajectory
+    assert took_expert.any(0).float().mean() > took_expert[0].float().mean()  # not one coin per rollout

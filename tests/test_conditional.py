@@ -11,7 +11,7 @@ import lcm_ddil as L
 import pd_ddil as P
 
 SMALL = ["--batch-size", "8", "--eval-samples", "30", "--shift-samples", "8", "--log-every", "1",
-         "--buffer-size", "32", "--refresh", "2", "--seed", "1",
+         "--buffer-size", "32", "--refresh", "2", "--seed", "1", "--ref-samples", "16",
          "--beta-data", "0.5", "--beta-teacher", "0.25", "--beta-student", "0.25"]
 METHODS = {
     "pd": (P.main, ["--teacher-steps", "4", "--steps", "2", "--iters-per-stage", "2",
@@ -35,7 +35,15 @@ def test_guided_run_metrics_equal_the_evaluate_cli(method, tiny_cond_teacher, tm
     cli = E.main([str(out / "ckpt.pt"), "--steps", K, "--num-samples", "30", "--seed", "1",
                   "--out", str(tmp_path / "eval")])
     assert cli["w"] == 2.0 and cli["bound"] == "clip"
-    assert cli["rows"][K] == m["student"][K]  # the same number, not just a close one
+    shared = set(cli["rows"][K])  # the script adds the teacher-reference and paired columns
+    assert shared <= set(m["student"][K]) and {"fd", "kid", "cond_acc"} <= shared
+    assert {k: m["student"][K][k] for k in shared} == cli["rows"][K]  # the same numbers, not close ones
     teacher = E.main([tiny_cond_teacher, "--steps", K, "--num-samples", "30", "--seed", "1",
                       "--w", "2", "--out", str(tmp_path / "eval-teacher")])
-    assert teacher["rows"][K] == m["teacher"][K]
+    assert teacher["rows"][K] == {k: m["teacher"][K][k] for k in shared}
+    # the distillation gap: FD against the teacher's own samples, and the paired error where the
+    # sampler is a deterministic function of its noise (PD: DDIM; LCM / DMD2: one step only)
+    assert m["teacher_ref"]["n"] == 16 and m["teacher_ref"]["floor_fd"] > 0
+    assert m["student"][K]["fd_teacher"] >= 0
+    assert (m["student"][K]["paired_px"] is None) == (method != "pd")
+    assert m["teacher"][max(m["teacher"], key=int)]["paired_px"] == 0.0  # the reference row itself

@@ -12,7 +12,7 @@ import harness as H
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--batch-size", "8", "--buffer-size", "32", "--refresh", "2", "--refresh-every", "1",
-        "--eval-samples", "16", "--shift-samples", "8", "--reference-steps", "4", "--log-every", "1",
+        "--eval-samples", "16", "--shift-samples", "8", "--ref-samples", "0", "--reference-steps", "4", "--log-every", "1",
         "--ckpt-every", "2", "--beta-data", "0.5", "--beta-teacher", "0.25", "--beta-student", "0.25",
         "--seed", "2"]
 

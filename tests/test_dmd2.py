@@ -197,7 +197,7 @@ def test_fake_score_update_denoises_gs_samples_and_leaves_g_alone():
 def run(teacher, out, *extra):
     args = ["--teacher", teacher, "--out", str(out), "--steps", "2", "--batch-size", "8",
             "--buffer-size", "16", "--refresh", "2", "--teacher-substeps", "2", "--eval-samples", "32",
-            "--shift-samples", "8", "--log-every", "1", "--device", "cpu", "--seed", "3", *extra]
+            "--shift-samples", "8", "--ref-samples", "16", "--log-every", "1", "--device", "cpu", "--seed", "3", *extra]
     return D.main(args)
 
 
@@ -235,3 +235,12 @@ def test_resume_matches_an_uninterrupted_run(tiny_teacher, tmp_path):
         for i, s in a[key]["state"].items():
             assert torch.equal(s["exp_avg"], b[key]["state"][i]["exp_avg"]), (key, i)
     assert torch.equal(a["buffers"]["student"]["x"], b["buffers"]["student"]["x"])
+
+
+def test_rollout_teacher_p_one_is_the_teachers_trajectory():
+    T, G = random_unet(1, num_classes=3).requires_grad_(False), random_unet(2, num_classes=3)
+    taus = C.time_grid(3)[:-1]
+    x1, y = torch.randn(3, 1, 8, 8), torch.tensor([2, 0, 1])
+    want = D.teacher_rollout(T, x1, y, 2.0, taus, 2, "reflect")[0]
+    got = D.backward_simulation(G, x1, y, taus, "reflect", T, 2.0, 2, 1.0)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

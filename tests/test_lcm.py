@@ -222,7 +222,7 @@ def run(tmp_path, teacher, out, iters, **extra):
     args = {"teacher": teacher, "out": str(tmp_path / out), "iters": iters, "batch-size": 8,
             "ckpt-every": 2, "log-every": 1, "eval-samples": 16, "reference-steps": 8,
             "beta-data": 0.5, "beta-teacher": 0.25, "beta-student": 0.25,
-            "buffer-size": 32, "refresh": 2, "refresh-every": 2, "seed": 3, **extra}
+            "buffer-size": 32, "refresh": 2, "refresh-every": 2, "seed": 3, "ref-samples": 16, **extra}
     argv = [s for k, v in args.items() for s in (f"--{k}", str(v))]
     return L.main(argv)
 
@@ -265,3 +265,19 @@ def test_end_to_end_writes_outputs_and_resume_is_exact(tmp_path, tiny_teacher):
     first = {k: v for k, v in H.load_checkpoint(str(out / "ckpt.pt"))["net"].items()}
     teacher_sd = H.load_net(tiny_teacher)[0].state_dict()
     assert any(not torch.equal(first[k], teacher_sd[k]) for k in teacher_sd)  # it trained
+
+
+def test_rollout_teacher_p_one_is_the_teachers_own_trajectory():
+    """--rollout-teacher-p 1: every step of the student's rollout is the teacher's action, so the
+    states are the teacher's own trajectory on the training grid; p = 0 is the student's."""
+    teacher = random_unet(3, num_classes=3).requires_grad_(False)
+    student = random_unet(4, num_classes=3, w_embed=True)
+    x1, y, w = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2]), torch.tensor([1.0, 2.0, 3.0])
+    x_t = L.teacher_rollout(teacher, x1, y, w, 4, 8, "reflect")[0]
+    x_p1 = L.student_rollout(student, x1, y, w, 4, "reflect", teacher, 8, 1.0)[0]
+    torch.testing.assert_close(x_p1, x_t, atol=1e-5, rtol=1e-4)
+    torch.manual_seed(1)
+    x_p0 = L.student_rollout(student, x1, y, w, 4, "reflect", teacher, 8, 0.0)[0]
+    torch.manual_seed(1)
+    x_own = L.student_rollout(student, x1, y, w, 4, "reflect")[0]
+    assert torch.equal(x_p0, x_own) and not torch.allclose(x_p0[3:], x_t[3:], atol=1e-3)

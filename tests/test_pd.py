@@ -167,7 +167,7 @@ def test_rollouts_are_the_samplers_states_at_grid_times_with_their_labels():
 def tiny_args(teacher, out, *extra):
     return ["--teacher", teacher, "--teacher-steps", "4", "--steps", "1", "--iters-per-stage", "3",
             "--batch-size", "8", "--buffer-size", "64", "--refresh", "4", "--eval-samples", "40",
-            "--stage-eval-samples", "20", "--shift-samples", "16", "--log-every", "1",
+            "--stage-eval-samples", "20", "--shift-samples", "16", "--ref-samples", "16", "--log-every", "1",
             "--ckpt-every", "100", "--out", str(out), *extra]
 
 
@@ -214,3 +214,12 @@ def test_interrupted_run_matches_uninterrupted(full_run, tiny_teacher, tmp_path)
     fa = json.loads((full_run / "metrics.json").read_text())["student"]["1"]["fd"]
     fb = json.loads((tmp_path / "metrics.json").read_text())["student"]["1"]["fd"]
     assert fa == fb
+
+
+def test_rollout_teacher_p_one_is_the_stage_teachers_trajectory():
+    teacher, student = random_unet(1, num_classes=3).eval(), random_unet(2, num_classes=3).eval()
+    x1, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 2, 1])
+    want = P.rollout_states(teacher, x1, y, 1.5, 4, 2, "none")[0]
+    got = P.rollout_states(student, x1, y, 0.0, 4, 1, "none", teacher, 1.5, 1.0)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(P.rollout_states(student, x1, y, 0.0, 4, 1, "none")[0][3:], want[3:], atol=1e-3)

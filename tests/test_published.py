@@ -569,7 +569,8 @@ def test_each_method_distils_a_diffusers_teacher_end_to_end(method, tmp_path):
     out = tmp_path / method
     common = ["--teacher", f"diffusers:{tmp_path / 'teacher'}", "--out", str(out), "--batch-size", "4",
               "--eval-samples", "12", "--shift-samples", "4", "--buffer-size", "16", "--refresh", "2",
-              "--log-every", "1", "--beta-data", "0.5", "--beta-student", "0.5", "--reference-steps", "4"]
+              "--log-every", "1", "--beta-data", "0.5", "--beta-student", "0.5", "--reference-steps", "4",
+              "--ref-samples", "12"]
     main, extra = {"pd": (pd_ddil.main, ["--teacher-steps", "4", "--steps", "2", "--iters-per-stage", "2",
                                          "--stage-eval-samples", "8"]),
                    "lcm": (lcm_ddil.main, ["--iters", "2", "--steps", "2", "--grid", "4", "--refresh-every", "1"]),
@@ -579,7 +580,7 @@ def test_each_method_distils_a_diffusers_teacher_end_to_end(method, tmp_path):
     assert isinstance(student, P.DiffusersTeacher) and student.clip_x0 is False
     m = json.loads((out / "metrics.json").read_text())
     res = evaluate.main([str(out / "ckpt.pt"), "--steps", "2", "--num-samples", "12", "--out", str(tmp_path / "ev")])
-    assert res["rows"]["2"] == m["student"]["2"]  # rebuilt from the checkpoint's config alone
+    assert all(m["student"]["2"][k] == v for k, v in res["rows"]["2"].items())  # rebuilt from its config
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     teacher = P.load_published_teacher(f"diffusers:{tmp_path / 'teacher'}")
     assert any(not torch.equal(a, b) for a, b in zip(ck["net"].values(), teacher.state_dict().values()))
