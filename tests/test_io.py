@@ -217,3 +217,46 @@ def test_beta_nan_from_the_command_line_is_one_line():
     with pytest.raises(SystemExit) as e:
         H.check_ddil(cfg)
     assert "nan" in one_line(e)
+
+
+# ---- the scripts: a diverging run and a bad --out, end to end ---------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def script(name, *args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, name, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("name,extra", [
+    ("lcm_ddil.py", ["--iters", "8", "--refresh-every", "1"]),
+    ("pd_ddil.py", ["--teacher-steps", "4", "--steps", "2", "--iters-per-stage", "8"]),
+    ("dmd2_ddil.py", ["--iters", "8", "--steps", "2", "--fake-updates", "1", "--teacher-substeps", "2"]),
+])
+def test_a_diverging_run_never_checkpoints_a_nan(name, extra, tiny_teacher, tmp_path):
+    """--lr 1e6: the weights blow up. Whether the checkpoint at step 5 or the loss check at step 7
+    catches it first, the run stops with one line naming the last checkpoint, and every
+    checkpoint on disk is finite (a rerun resumes from a good state)."""
+    out = tmp_path / "run"
+    r = script(name, "--teacher", tiny_teacher, "--out", str(out), "--lr", "1e6", "--ckpt-every", "5",
+               "--log-every", "7", "--batch-size", "8", "--buffer-size", "16", "--refresh", "2",
+               "--eval-samples", "8", "--ref-samples", "0", *extra)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr[-2000:]
+    assert "NaN" in lines[0] or "nan" in lines[0] or "inf" in lines[0]
+    assert "no checkpoint was written yet" in lines[0] or "the last checkpoint is" in lines[0]
+    if (out / "ckpt.pt").exists():
+        assert H.nonfinite_key(torch.load(out / "ckpt.pt", weights_only=True)) is None
+        assert "(step " in lines[0]
+    assert not [p for p in os.listdir(out) if ".tmp" in p]
+
+
+def test_out_naming_a_file_stops_before_any_work(tmp_path):
+    f = tmp_path / "taken"
+    f.write_text("not a directory")
+    r = script("lcm_ddil.py", "--out", str(f), "--teacher", str(tmp_path / "none.pt"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and "is a file" in lines[0], r.stderr
