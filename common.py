@@ -431,9 +431,9 @@ class MixingBuffer:
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(n)
         y = torch.full((n,), -1, dtype=torch.long, device=x.device) if y is None else y.detach().long()
         w = torch.as_tensor(0.0 if w is None else w, dtype=torch.float32, device=x.device).expand(n)
-        if self.x is None:
-            self.x = x.new_empty((self.capacity, *x.shape[1:]))
-            self.t, self.y, self.w = t.new_empty(self.capacity), y.new_empty(self.capacity), w.new_empty(self.capacity)
+        if self.x is None:  # zeros, not new_empty: a checkpoint of a part-full ring is deterministic
+            self.x = x.new_zeros((self.capacity, *x.shape[1:]))
+            self.t, self.y, self.w = t.new_zeros(self.capacity), y.new_zeros(self.capacity), w.new_zeros(self.capacity)
         m = min(n, self.capacity)
         idx = (self.ptr + torch.arange(m, device=x.device)) % self.capacity
         self.x[idx], self.t[idx], self.y[idx], self.w[idx] = x[-m:], t[-m:], y[-m:], w[-m:]

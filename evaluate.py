@@ -401,10 +401,12 @@ def teacher_reference(teacher, n, steps, w=0.0, dataset="digits", bound="clip", 
     return ref
 
 
-def paired_distance(a, b, extract):
+def paired_distance(a, b, extract=None):
     """Two sample sets drawn from the same noise and labels: the mean squared pixel difference
-    per sample, and the mean squared feature difference per feature dimension."""
+    per sample, and (with a feature extractor) the mean squared feature difference per dimension."""
     px = float((a.float() - b.float()).square().flatten(1).mean(1).mean())
+    if extract is None:
+        return {"paired_px": px, "paired_feat": None}
     fa, fb = extract(to_uint8(a))[0], extract(to_uint8(b))[0]
     return {"paired_px": px, "paired_feat": float((fa - fb).square().mean(1).mean())}
 
@@ -435,8 +437,9 @@ def final_evaluation(out, student, kind, student_ks, teacher, teacher_ks, num_sa
               "w": w if teacher.num_classes else None, "sample_bound": protocol.get("bound", "clip")}
     if not H.is_main():
         return result
-    extract = feature_extractor(protocol.get("dataset", "digits"), protocol.get("device", "cpu"),
-                                data_dir=protocol.get("data_dir", "data"))
+    dataset = protocol.get("dataset", "digits")  # paired feature distances: digits, or with a reference
+    extract = (feature_extractor(dataset, protocol.get("device", "cpu"), data_dir=protocol.get("data_dir", "data"))
+               if ref is not None or dataset == "digits" else None)
     x_ref = teachers[ref_steps][1]
     for rows, kinds in ((students, kind), (teachers, "ddim")):
         for k, (m, x) in rows.items():

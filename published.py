@@ -726,7 +726,7 @@ def load_published_teacher(spec, device="cpu", edm_repo=None, num_classes=None):
         github.com/NVlabs/edm) is given; then the weights are read without executing the pickle,
         and the network is built by the user's own training.networks (class and init kwargs from
         the pickle), wrapped by EDMTeacher (c_noise = ln(s) / 4, one-hot labels).
-    Every failure is one line (common.fail): unknown prefix, missing file, missing diffusers.
+    Every failure is one line (harness.fail): unknown prefix, missing file, missing diffusers.
     """
     if not is_published_spec(spec):
         H.fail(f"--teacher {spec!r}: unknown published-teacher prefix; use one of "

@@ -1,5 +1,5 @@
 """Memory of N processes that each load the same data set: the memory-mapped .npy cache that
-common.load_dataset builds, against loading into each process's own memory (the loader before
+harness.load_dataset builds, against loading into each process's own memory (the loader before
 the cache, still its fallback where --data-dir cannot be written).
 
     python bench/shared_data_rss.py            # ~200 MB of fake imagenet64 npz batches, 1 and 2 processes

@@ -188,7 +188,7 @@ def test_imagenet64_image_folder(tmp_path):
 def test_imagenet64_missing_exits_with_one_line(tmp_path):
     """As a user sees it: a non-zero exit and one line that names the directory, no traceback."""
     missing = str(tmp_path / "no_imagenet")
-    r = subprocess.run([sys.executable, "-c", f"import common; common.load_dataset('imagenet64', {missing!r})"],
+    r = subprocess.run([sys.executable, "-c", f"import harness; harness.load_dataset('imagenet64', {missing!r})"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
@@ -373,7 +373,7 @@ def test_cifar10_malformed_exits_without_traceback(tmp_path):
     write_cifar10(tmp_path)
     path = tmp_path / "cifar-10-batches-py" / "data_batch_1"
     path.write_bytes(path.read_bytes()[:-100])
-    r = subprocess.run([sys.executable, "-c", f"import common; common.load_dataset('cifar10', {str(tmp_path)!r})"],
+    r = subprocess.run([sys.executable, "-c", f"import harness; harness.load_dataset('cifar10', {str(tmp_path)!r})"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and str(path) in lines[0], r.stderr
@@ -490,7 +490,7 @@ def test_a_conversion_in_progress_is_waited_for(tmp_path):
 
 def test_two_processes_at_once_convert_once(tmp_path):
     img, lab = write_imagenet64_npz(tmp_path, (3, 2))
-    code = ("import common, sys; x, y = common.load_dataset('imagenet64', sys.argv[1]); "
+    code = ("import harness, sys; x, y = harness.load_dataset('imagenet64', sys.argv[1]); "
             "print('sum', int(x.sum()), int(y.sum()))")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
