@@ -1,49 +1,62 @@
-"""The DDIL results on digits in one command (issue 7), aggregated into bench/results/.
+"""The DDIL benchmark on digits (issue 17): labs x methods x variants x K x seeds, resumable, with
+paired statistics against each baseline, aggregated into bench/results/.
 
-Every method x variant x seed, the LCM mixing-prior ablation, covariate shift and cost:
-
-    python bench/results.py                                   # --budget full: ~1.5 h, quiet 2-core CPU
-    python bench/results.py --budget smoke --seeds 0 --only lcm --out /tmp/r   # seconds: the plumbing
+    python bench/results.py                                   # --budget full: 260 runs, ~10 h (see BUDGET)
+    python bench/results.py --lab uncond --seeds 0 1          # a part of it; rerun to resume
+    python bench/results.py --budget smoke --seeds 0 --only lcm --lab uncond --out /tmp/r  # the plumbing
     python bench/results.py --no-run                          # re-aggregate the runs already there
 
 Each run is a subprocess of pd_ddil.py / lcm_ddil.py / dmd2_ddil.py into its own --out under
 --runs-dir (default bench/out/<budget>, gitignored); a run whose metrics.json exists is skipped, so
-an interrupted benchmark resumes (and a half-done run resumes from its own ckpt.pt). Run names
-come from the flags (method, K, betas, bound, seed), so a run the ablation shares with the main
-grid (LCM (1,0,0) and (0.5,0,0.5), bound none) is trained once.
+an interrupted benchmark resumes (and a half-done run resumes from its own ckpt.pt). Run names come
+from the flags: <lab>-<method>-K<steps>-b<betas>-<bound>[-mix<p>]-s<seed>. Runs go seed by seed
+(every run of seed 0, then seed 1, ...), so a benchmark stopped part-way has whole seeds to pair.
 
 The grid (tables below; change them there):
-  main:     PD, LCM, DMD2 x {baseline, +reflect, +DDIL, +DDIL+reflect} x --seeds at K = 4. Baseline
-            betas (beta_data, beta_teacher, beta_student) are each method's own input distribution
-            (PD/LCM: data (1,0,0); DMD2: its backward simulation (0,0,1)); DDIL = (0.5,0,0.5);
-            "+reflect" = --bound reflect, else --bound none. LCM reports K = 1, 2, 4 and DMD2
-            K = 1, 4 from their own metrics; DMD2 also trains a 1-step G (baseline only), and
-            runs the EXTRA row (0.25, 0.25, 0.5) + reflect: DDIL with teacher rollouts.
-  ablation: LCM at K = 4, bound none, the six priors of ABLATION and the SCHEDULES (--beta-ramp:
-            beta_student rising from 0, DAgger's schedule), on the first ABLATION_SEEDS seeds.
+  labs     uncond: the digits teacher (runs/teacher-digits, or --teacher);
+           cond:   --cond, the class-conditional teacher (runs/teacher-digits-cond, trained on
+                   demand by the first run, or --teacher-cond), guided at w = 2: PD and DMD2
+                   distil the teacher guided at 2 (--guidance 2); LCM trains a w-conditioned
+                   student on w in [1, 3] (--w-min 1 --w-max 3), evaluated at the middle, 2. Why 2:
+                   inside the range published guided distillation uses on class-conditional
+                   ImageNet, w in [0, 4] in this convention, v = v_u + (1 + w)(v_c - v_u).
+  methods  pd, lcm, dmd2
+  variants (beta_data, beta_teacher, beta_student), training --bound, --rollout-teacher-p:
+           baseline        each method's own inputs: PD/LCM (1, 0, 0), DMD2 (0, 0, 1); bound none
+           +DDIL           (0.5, 0, 0.5), bound none
+           +DDIL+reflect   (0.5, 0, 0.5), bound reflect
+           +DDIL mixed     (0.5, 0, 0.5), bound none, --rollout-teacher-p 0.5 (DAgger's mixture:
+                           each step of the student's own rollout is the teacher's w.p. 0.5)
+  K        2 and 4; and K = 1 for DMD2: baseline and "+reflect" ((0, 0, 1), bound reflect) only,
+           since at K = 1 every input is noise and the betas change nothing.
+  Evaluation always with --sample-bound clip; every run logs an FD curve (--eval-every) and FD
+  against --ref-samples of the teacher's own samples (fd_teacher; 5000 in the full budget).
+  Per lab: 3 methods x 4 variants x 2 K + 2 (DMD2 K = 1) = 26 cells; x 2 labs x 5 seeds = 260 runs.
 
-Budget "full" (measured per run, training + evaluation + the --eval-every curve, on a 2-core CPU):
-  PD    100 iterations/stage (400), 1000 eval samples, 250 per stage:  ~80 s x 12 runs = 16 min
-  LCM   500 iterations, 1000 eval samples:                             ~125 s x 12 = 25 min
-  DMD2  300 iterations, batch 32, 4 teacher substeps, 1000 eval:       ~85 s x 12 = 17 min
-        + the 1-step G baseline ~60 s x 3, + teacher rollouts ~110 s x 3 = 9 min
-  ablation: 5 new priors/schedules x 2 seeds x ~125 s = 21 min (2 priors reuse main runs)
-  total ~ 1.5 h (52 runs). Fewer iterations than the scripts' defaults and 1000 instead of 2000
-evaluation samples (FD noise floor ~0.03 at 2000 samples, README): absolute FDs are higher than
-the README's single runs; the comparison between variants is what the table is for. Iterations/s
-come from each run's own training loop; with --jobs > 1 runs share the CPU, so compare them only
-at --jobs 1, and run nothing else meanwhile.
+BUDGET "full" (per-script flags in BUDGETS). Per-run times under these flags are not measured
+yet: the estimate is from the issue-7 benchmark at the same iterations on a quiet 2-core CPU, PD
+~80 s, LCM ~125 s, DMD2 ~85 s per run (K = 4, unconditional). Per lab and seed: 8 PD + 8 LCM +
+10 DMD2 runs ~ 2500 s; the conditional lab evaluates a guided teacher (two forwards per step),
+say x1.5 ~ 3700 s; PD at K = 2 has one more stage. So ~ 6200 s per seed for both labs, 5 seeds
+~ 8.6 h, plus the conditional teacher (~17 min, once), plus each lab's teacher reference set
+(2 x 5000 samples at 64 steps, cached on disk by the teacher and protocol): about 10 hours at
+--jobs 1. Far longer than one session: run it in parts (--lab, --only, --seeds), each rerun
+resumes. results.json records each run's wall time (bench_wall.json in its folder) so the real
+total is known after the first seed. Iterations/s come from each run's own training loop; with
+--jobs > 1 runs share the CPU, so compare costs only at --jobs 1, and run nothing else meanwhile.
 
-A rerun checks itself against the committed numbers:
+STATISTICS (paired_ci): every variant against the baseline of the same (lab, method, K), paired by
+seed (only seeds present in both arms, and for each metric only seeds where both have a finite
+value): the mean paired difference variant - baseline with a 95% confidence interval from
+Student's t (n - 1 degrees of freedom), the minimum detectable difference at 80% power,
+(t_{0.975,n-1} + t_{0.8,n-1}) sd / sqrt(n), and the min..max of each arm. Metrics: fd (vs data),
+fd_teacher, paired_px (null for re-noising samplers at K > 1: LCM, DMD2) and the covariate-shift
+ratio err_own / err_data at the last grid time (the smallest t). Lower is better for the three
+distances: "better" / "worse" only when the interval excludes 0, else "no difference"; for the
+ratio "lower" / "higher" (1 = no covariate shift).
+
+A rerun checks itself against committed numbers (mean inside the committed [min, max] over seeds):
     python bench/results.py --runs-dir /tmp/rerun --out /tmp/rerun-results --check bench/results/results.json
-
-Aggregation (results.json, table.md, *.png in --out): mean, std (n-1) and min/max over seeds of
-FD, KID, precision, recall, entropy per (method, variant, K); the teacher rows (each run's own
-DDIM reference at its K and at 64, deduplicated by bound and seed); per method the ratio of mean
-iterations/s DDIL / baseline; the training time (evaluation excluded) for DDIL to reach the same
-seed's baseline's final FD, both read from the --eval-every curves in log.jsonl (250 samples, the
-same noise at every point), beside the baseline's own time to that FD;
-the covariate-shift ratio err_own / err_data per grid time, mean over seeds.
 """
 import json
 import math
@@ -64,13 +77,15 @@ import harness as H  # noqa: E402
 
 @dataclass
 class Config:
-    budget: str = "full"           # full (~1.5 h on a quiet 2-core CPU) or smoke (minutes, for tests)
-    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    budget: str = "full"           # full (~10 h on a quiet 2-core CPU, in parts) or smoke (tests)
+    seeds: list = field(default_factory=lambda: [0, 1, 2, 3, 4])
     out: str = "bench/results"     # results.json, table.md, *.png
     runs_dir: str = ""             # the runs' --out folders; "" = bench/out/<budget>
-    only: str = "pd,lcm,dmd2,ablation"  # comma-separated subset of methods and "ablation"
+    only: str = "pd,lcm,dmd2"      # comma-separated subset of methods
+    lab: str = "uncond,cond"       # comma-separated subset of labs
     jobs: int = 1                  # runs at once (> 1 shares the CPU: it/s are then not comparable)
-    teacher: str = ""              # passed to every script ("" = their default teacher)
+    teacher: str = ""              # the uncond lab's teacher ("" = the scripts' default)
+    teacher_cond: str = ""         # the cond lab's teacher ("" = runs/teacher-digits-cond, on demand)
     data_dir: str = "data"
     device: str = ""               # passed to every script ("" = their default)
     run: bool = True               # --no-run: only aggregate what is already in --runs-dir
@@ -79,106 +94,107 @@ class Config:
 
 
 SCRIPTS = {"pd": "pd_ddil.py", "lcm": "lcm_ddil.py", "dmd2": "dmd2_ddil.py"}
-K = 4
+W = 2  # the cond lab's guidance weight (module docstring: why 2)
+LABS = {"uncond": {m: [] for m in SCRIPTS},
+        "cond": {"pd": ["--cond", "--guidance", f"{W:g}"],
+                 "lcm": ["--cond", "--w-min", f"{W - 1:g}", "--w-max", f"{W + 1:g}"],  # evaluated at W
+                 "dmd2": ["--cond", "--guidance", f"{W:g}"]}}
 BASELINE = {"pd": (1, 0, 0), "lcm": (1, 0, 0), "dmd2": (0, 0, 1)}  # (beta_data, beta_teacher, beta_student)
-DDIL = {"pd": (0.5, 0, 0.5), "lcm": (0.5, 0, 0.5), "dmd2": (0.5, 0, 0.5)}
-VARIANTS = {"baseline": ("baseline", "none"), "+reflect": ("baseline", "reflect"),
-            "+DDIL": ("ddil", "none"), "+DDIL+reflect": ("ddil", "reflect")}
-# more rows: DMD2 with teacher rollouts too (its default before this benchmark)
-EXTRA = {"dmd2": ((0.25, 0.25, 0.5), "reflect")}
-ABLATION = [(1, 0, 0), (0.5, 0, 0.5), (0.5, 0.25, 0.25), (0.25, 0, 0.75), (0, 0, 1), (0.34, 0.33, 0.33)]
-# schedules (betas, --beta-ramp): beta_student rising from 0 over the first `ramp` of training (DAgger)
-SCHEDULES = [((0.5, 0, 0.5), 0.5)]
-ABLATION_METHOD = "lcm"
-METRICS = ("fd", "kid", "precision", "recall", "entropy")
+DDIL = (0.5, 0, 0.5)
+# variant: (betas: "baseline" or "ddil", training --bound, --rollout-teacher-p)
+VARIANTS = {"baseline": ("baseline", "none", 0.0), "+DDIL": ("ddil", "none", 0.0),
+            "+DDIL+reflect": ("ddil", "reflect", 0.0), "+DDIL mixed": ("ddil", "none", 0.5)}
+STEPS = (2, 4)
+# extra (method, K): variants; at K = 1 every input is noise, so only the bound can differ
+EXTRA = {("dmd2", 1): {"baseline": ("baseline", "none", 0.0), "+reflect": ("baseline", "reflect", 0.0)}}
+METRICS = ("fd", "kid", "fd_teacher", "kid_teacher", "paired_px", "paired_feat", "precision", "recall",
+           "entropy", "cond_acc")
+COMPARED = ("fd", "fd_teacher", "paired_px", "shift_ratio")  # paired against the baseline
+LOWER_IS_BETTER = {"fd": True, "fd_teacher": True, "paired_px": True, "shift_ratio": None}
 
-BUDGETS = {  # per-script flags; "ablation_seeds": how many of --seeds the ablation uses
-    "full": {"ablation_seeds": 2,
-             "pd": ["--iters-per-stage", "100", "--eval-samples", "1000", "--stage-eval-samples", "250",
-                    "--eval-every", "50"],
-             "lcm": ["--iters", "500", "--eval-samples", "1000", "--eval-every", "50"],
+BUDGETS = {  # per-script flags (labs and variants add theirs)
+    "full": {"pd": ["--iters-per-stage", "100", "--eval-samples", "1000", "--stage-eval-samples", "250",
+                    "--eval-every", "50", "--ref-samples", "5000"],
+             "lcm": ["--iters", "500", "--eval-samples", "1000", "--eval-every", "50", "--ref-samples", "5000"],
              "dmd2": ["--iters", "300", "--batch-size", "32", "--teacher-substeps", "4",
-                      "--eval-samples", "1000", "--eval-every", "30"]},
-    "smoke": {"ablation_seeds": 1,
-              "pd": ["--teacher-steps", "8", "--iters-per-stage", "2", "--batch-size", "8",
-                     "--buffer-size", "32", "--refresh", "4", "--eval-samples", "32",
-                     "--stage-eval-samples", "16", "--shift-samples", "16", "--ref-samples", "16", "--log-every", "1",
-                     "--eval-every", "4", "--eval-every-samples", "16"],
+                      "--eval-samples", "1000", "--eval-every", "30", "--ref-samples", "5000"]},
+    "smoke": {"pd": ["--teacher-steps", "8", "--reference-steps", "8", "--iters-per-stage", "2",
+                     "--batch-size", "8", "--buffer-size", "32", "--refresh", "4", "--eval-samples", "32",
+                     "--stage-eval-samples", "16", "--shift-samples", "16", "--ref-samples", "16",
+                     "--log-every", "1", "--eval-every", "4", "--eval-every-samples", "16"],
               "lcm": ["--iters", "3", "--batch-size", "8", "--buffer-size", "32", "--refresh", "2",
-                      "--refresh-every", "1", "--eval-samples", "32", "--reference-steps", "8", "--ref-samples", "16",
-                      "--log-every", "1", "--eval-every", "2", "--eval-every-samples", "16"],
+                      "--refresh-every", "1", "--eval-samples", "32", "--reference-steps", "8",
+                      "--ref-samples", "16", "--log-every", "1", "--eval-every", "2", "--eval-every-samples", "16"],
               "dmd2": ["--iters", "3", "--batch-size", "8", "--buffer-size", "16", "--refresh", "2",
                        "--teacher-substeps", "2", "--fake-updates", "2", "--eval-samples", "32",
-                       "--shift-samples", "8", "--ref-samples", "16", "--log-every", "1", "--eval-every", "2",
-                       "--eval-every-samples", "16"]},
+                       "--reference-steps", "8", "--shift-samples", "8", "--ref-samples", "16", "--log-every", "1",
+                       "--eval-every", "2", "--eval-every-samples", "16"]},
 }
+# Student's t quantiles for df = 1..30 (scipy.stats.t.ppf), used when scipy is not installed
+T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.306, 2.2622, 2.2281, 2.201, 2.1788,
+        2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.093, 2.086, 2.0796, 2.0739, 2.0687, 2.0639,
+        2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
+T80 = (1.3764, 1.0607, 0.9785, 0.941, 0.9195, 0.9057, 0.896, 0.8889, 0.8834, 0.8791, 0.8755, 0.8726,
+       0.8702, 0.8681, 0.8662, 0.8647, 0.8633, 0.862, 0.861, 0.86, 0.8591, 0.8583, 0.8575, 0.8569,
+       0.8562, 0.8557, 0.8551, 0.8546, 0.8542, 0.8538)
 
 
 # ----------------------------------------------------------------------------------------------
-# the plan: groups of runs (a table row each), runs named by their flags
+# the plan: cells (a table row each), runs named by their flags
 # ----------------------------------------------------------------------------------------------
 
-def run_name(method, steps, betas, bound, seed, ramp=0.0):
-    ramp = f"-ramp{ramp:g}" if ramp else ""
-    return f"{method}-K{steps}-b{'_'.join(f'{b:g}' for b in betas)}{ramp}-{bound}-s{seed}"
+def run_name(lab, method, steps, betas, bound, p, seed):
+    mix = f"-mix{p:g}" if p else ""
+    return f"{lab}-{method}-K{steps}-b{'_'.join(f'{b:g}' for b in betas)}-{bound}{mix}-s{seed}"
+
+
+def subset(text, allowed, flag):
+    chosen = [s.strip() for s in text.split(",") if s.strip()]
+    if not chosen or set(chosen) - set(allowed):
+        H.fail(f"{flag} {text!r}: give a comma-separated subset of {','.join(allowed)}")
+    return [a for a in allowed if a in chosen]
 
 
 def plan(cfg):
-    """(groups, runs): groups {label: {kind, method, variant, betas, bound, runs: [names]}},
-    runs {name: (method, steps, betas, bound, seed, ramp)}."""
-    only = {s.strip() for s in cfg.only.split(",") if s.strip()}
-    if not only or only - set(SCRIPTS) - {"ablation"}:
-        H.fail(f"--only {cfg.only!r}: give a comma-separated subset of {','.join(SCRIPTS)},ablation")
+    """(cells, runs): cells {label: {lab, method, variant, steps, betas, bound, p, runs: {seed: name}}},
+    runs {name: (lab, method, steps, betas, bound, p, seed)} in execution order (seed-major)."""
+    methods, labs = subset(cfg.only, SCRIPTS, "--only"), subset(cfg.lab, LABS, "--lab")
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
-        H.fail(f"--seeds {cfg.seeds}: give distinct seeds, e.g. --seeds 0 1 2")
+        H.fail(f"--seeds {cfg.seeds}: give distinct seeds, e.g. --seeds 0 1 2 3 4")
     if cfg.jobs <= 0:
         H.fail(f"--jobs must be positive, got {cfg.jobs}")
-    groups, runs = {}, {}
-
-    def add(label, kind, method, variant, steps, betas, bound, seeds, ramp=0.0):
-        names = []
-        for seed in seeds:
-            name = run_name(method, steps, betas, bound, seed, ramp)
-            runs[name] = (method, steps, betas, bound, seed, ramp)
-            names.append(name)
-        groups[label] = dict(kind=kind, method=method, variant=variant, steps=steps,
-                             betas=list(betas), bound=bound, ramp=ramp, runs=names)
-
-    for method in SCRIPTS:
-        if method not in only:
-            continue
-        for variant, (which, bound) in VARIANTS.items():
-            betas = BASELINE[method] if which == "baseline" else DDIL[method]
-            add(f"{method} {variant}", "main", method, variant, K, betas, bound, cfg.seeds)
-        if method in EXTRA:
-            betas, bound = EXTRA[method]
-            variant = "+DDIL (" + ", ".join(f"{b:g}" for b in betas) + f")+{bound}"
-            add(f"{method} {variant}", "main", method, variant, K, betas, bound, cfg.seeds)
-        if method == "dmd2":  # a G trained for one step (DDIL changes nothing at K = 1: input = noise)
-            add("dmd2 baseline, 1-step G", "main", method, "baseline, 1-step G", 1,
-                BASELINE[method], "none", cfg.seeds)
-    if "ablation" in only:
-        seeds = cfg.seeds[:BUDGETS[cfg.budget]["ablation_seeds"]]
-        for betas in ABLATION:
-            add(f"{ABLATION_METHOD} ablation {betas}", "ablation", ABLATION_METHOD,
-                "betas (" + ", ".join(f"{b:g}" for b in betas) + ")", K, betas, "none", seeds)
-        for betas, ramp in SCHEDULES:
-            add(f"{ABLATION_METHOD} ablation {betas} ramp {ramp:g}", "ablation", ABLATION_METHOD,
-                "betas (" + ", ".join(f"{b:g}" for b in betas) + f"), beta_student ramped over "
-                f"the first {ramp:.0%}", K, betas, "none", seeds, ramp)
-    return groups, runs
+    cells = {}
+    for lab in labs:
+        for method in methods:
+            grid = [(k, VARIANTS) for k in STEPS] + [(k, v) for (m, k), v in EXTRA.items() if m == method]
+            for steps, variants in sorted(grid, key=lambda kv: kv[0]):
+                for variant, (which, bound, p) in variants.items():
+                    betas = BASELINE[method] if which == "baseline" else DDIL
+                    cells[f"{lab} {method} K={steps} {variant}"] = dict(
+                        lab=lab, method=method, variant=variant, steps=steps, betas=list(betas), bound=bound,
+                        p=p, runs={s: run_name(lab, method, steps, betas, bound, p, s) for s in cfg.seeds})
+    runs = {c["runs"][s]: (c["lab"], c["method"], c["steps"], tuple(c["betas"]), c["bound"], c["p"], s)
+            for s in cfg.seeds for c in cells.values()}
+    return cells, runs
 
 
 def argv_of(cfg, name, spec):
-    method, steps, betas, bound, seed, ramp = spec
-    argv = [sys.executable, SCRIPTS[method], *BUDGETS[cfg.budget][method],
+    lab, method, steps, betas, bound, p, seed = spec
+    argv = [sys.executable, SCRIPTS[method], *BUDGETS[cfg.budget][method], *LABS[lab][method],
             "--steps", str(steps), "--beta-data", f"{betas[0]:g}", "--beta-teacher", f"{betas[1]:g}",
-            "--beta-student", f"{betas[2]:g}", "--beta-ramp", f"{ramp:g}", "--bound", bound,
-            "--seed", str(seed),
+            "--beta-student", f"{betas[2]:g}", "--bound", bound, "--rollout-teacher-p", f"{p:g}",
+            "--sample-bound", "clip", "--seed", str(seed),
             "--data-dir", cfg.data_dir, "--out", os.path.join(cfg.runs_dir, name)]
-    argv += ["--teacher", cfg.teacher] if cfg.teacher else []
+    teacher = cfg.teacher_cond if lab == "cond" else cfg.teacher
+    argv += ["--teacher", teacher] if teacher else []
     argv += ["--device", cfg.device] if cfg.device else []
     return argv
+
+
+def teacher_missing(cfg, lab):
+    path = (cfg.teacher_cond if lab == "cond" else cfg.teacher) or \
+        os.path.join(ROOT, H.default_teacher_path("digits", lab == "cond"))
+    return not os.path.isfile(path)
 
 
 def execute(cfg, runs):
@@ -190,6 +206,14 @@ def execute(cfg, runs):
     env = dict(os.environ)
     if cfg.jobs > 1:  # share the cores instead of oversubscribing them
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.jobs))
+    # a lab whose teacher is trained on demand: its first run goes alone, so that parallel runs
+    # do not each train it
+    first = []
+    for lab in LABS:
+        if cfg.jobs > 1 and teacher_missing(cfg, lab):
+            first += [next((item for item in todo if item[1][0] == lab), None)]
+    first = [item for item in first if item]
+    rest = [item for item in todo if item not in first]
 
     def one(item):
         name, spec = item
@@ -199,28 +223,33 @@ def execute(cfg, runs):
         with open(os.path.join(out, "stdout.log"), "w") as fh:
             rc = subprocess.run(argv_of(cfg, name, spec), cwd=ROOT, env=env, stdout=fh,
                                 stderr=subprocess.STDOUT).returncode
-        return name, rc, time.time() - t0
+        dt = time.time() - t0
+        if rc == 0:
+            H.write_json({"wall_s": dt, "jobs": cfg.jobs}, os.path.join(out, "bench_wall.json"))
+        return name, rc, dt
 
-    failed = []
-    with ThreadPoolExecutor(cfg.jobs) as pool:
-        for i, (name, rc, dt) in enumerate(pool.map(one, todo), 1):
-            path = os.path.join(cfg.runs_dir, name)
-            if rc == 0 and os.path.isfile(os.path.join(path, "metrics.json")):
-                m = read_json(os.path.join(path, "metrics.json"))
-                steps = runs[name][1]
-                fd = m["student"].get(str(steps), {}).get("fd", float("nan"))
-                print(f"[{i}/{len(todo)}] {name}: {dt:.0f} s, FD at K={steps} {fd:.4g}", flush=True)
-            else:
-                failed.append(name)
-                with open(os.path.join(path, "stdout.log")) as fh:
-                    tail = fh.read().strip().splitlines()[-3:]
-                print(f"[{i}/{len(todo)}] {name}: FAILED (exit {rc}) after {dt:.0f} s; "
-                      f"{os.path.join(path, 'stdout.log')}: " + " | ".join(tail), flush=True)
+    failed, i = [], 0
+    for batch, jobs in ((first, 1), (rest, cfg.jobs)):
+        with ThreadPoolExecutor(jobs) as pool:
+            for name, rc, dt in pool.map(one, batch):
+                i += 1
+                path = os.path.join(cfg.runs_dir, name)
+                if rc == 0 and os.path.isfile(os.path.join(path, "metrics.json")):
+                    m = read_json(os.path.join(path, "metrics.json"))
+                    row = m["student"].get(str(runs[name][2]), {})
+                    print(f"[{i}/{len(todo)}] {name}: {dt:.0f} s, FD {row.get('fd', float('nan')):.4g}, "
+                          f"FD vs teacher {row.get('fd_teacher') or float('nan'):.4g}", flush=True)
+                else:
+                    failed.append(name)
+                    with open(os.path.join(path, "stdout.log")) as fh:
+                        tail = fh.read().strip().splitlines()[-3:]
+                    print(f"[{i}/{len(todo)}] {name}: FAILED (exit {rc}) after {dt:.0f} s; "
+                          f"{os.path.join(path, 'stdout.log')}: " + " | ".join(tail), flush=True)
     return failed
 
 
 # ----------------------------------------------------------------------------------------------
-# aggregation
+# statistics
 # ----------------------------------------------------------------------------------------------
 
 def read_json(path):
@@ -228,14 +257,71 @@ def read_json(path):
         return json.load(fh)
 
 
+def finite(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def spread(values):
     """mean, std (n-1; 0 for one value), min, max, n of the finite values."""
-    v = [float(x) for x in values if x is not None and math.isfinite(x)]
+    v = [float(x) for x in values if finite(x)]
     if not v:
         return None
     return {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
             "min": min(v), "max": max(v), "n": len(v)}
 
+
+def t_quantiles(df):
+    """(t_{0.975, df}, t_{0.8, df}) of Student's t: scipy, else the table T975 / T80 (df <= 30;
+    beyond, the normal quantiles)."""
+    try:
+        from scipy.stats import t
+        return float(t.ppf(0.975, df)), float(t.ppf(0.8, df))
+    except ImportError:
+        return (T975[df - 1], T80[df - 1]) if df <= len(T975) else (1.96, 0.8416)
+
+
+def paired_ci(a, b):
+    """Paired comparison of two arms measured on the same seeds: a[i] and b[i] belong together.
+    Returns n, the mean difference a - b, its sd (n - 1), the 95% confidence interval from
+    Student's t with n - 1 degrees of freedom (lo, hi, half_width), the minimum detectable
+    difference at 80% power (t_{0.975,n-1} + t_{0.8,n-1}) sd / sqrt(n), and the min..max of each
+    arm. With one pair there is no interval (those keys None); with none, None."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_ci: {len(a)} against {len(b)} values")
+    if not a:
+        return None
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    n, mean = len(d), statistics.fmean(d)
+    res = {"n": n, "mean": mean, "sd": None, "lo": None, "hi": None, "half_width": None, "mdd": None,
+           "a": [min(a), max(a)], "b": [min(b), max(b)]}
+    if n > 1:
+        sd = statistics.stdev(d)
+        t975, t80 = t_quantiles(n - 1)
+        half = t975 * sd / math.sqrt(n)
+        res.update(sd=sd, lo=mean - half, hi=mean + half, half_width=half,
+                   mdd=(t975 + t80) * sd / math.sqrt(n))
+    return res
+
+
+def verdict(ci, lower_is_better=True):
+    """"better" / "worse" (lower_is_better None: "lower" / "higher") when the interval excludes 0."""
+    if not ci or ci["lo"] is None:
+        return "n < 2"
+    words = ("better", "worse") if lower_is_better else ("lower", "higher") if lower_is_better is None \
+        else ("worse", "better")
+    return words[0] if ci["hi"] < 0 else words[1] if ci["lo"] > 0 else "no difference"
+
+
+def compare_by_seed(variant, baseline, lower_is_better=True):
+    """variant, baseline: {seed: value}. The paired comparison on the seeds where both are finite."""
+    seeds = sorted(s for s in variant if s in baseline and finite(variant[s]) and finite(baseline[s]))
+    ci = paired_ci([variant[s] for s in seeds], [baseline[s] for s in seeds])
+    return ci and {**ci, "seeds": seeds, "verdict": verdict(ci, lower_is_better)}
+
+
+# ----------------------------------------------------------------------------------------------
+# aggregation
+# ----------------------------------------------------------------------------------------------
 
 def fd_curve(log_path):
     """(training seconds, fd) of a log.jsonl's --eval-every records (evaluation time excluded)."""
@@ -246,98 +332,92 @@ def fd_curve(log_path):
     return [(r["train_s"], r["fd"]) for r in recs if "fd" in r and "train_s" in r]
 
 
-def time_to(curve, target):
-    """The first training time at which the curve is at or below target (inf: never)."""
-    return next((t for t, fd in curve if fd <= target), float("inf"))
+def value(m, key, k):
+    """One run's metric at evaluated K = k; shift_ratio: the covariate-shift ratio at the last grid
+    time (sampling order: the smallest t)."""
+    if key == "shift_ratio":
+        ratio = (m.get("covariate_shift") or {}).get("ratio") or [None]
+        return ratio[-1]
+    return m["student"].get(str(k), {}).get(key)
 
 
-def aggregate(groups, runs_dir):
+def aggregate(cells, runs_dir):
     """results.json's content (without command/date) from the runs' metrics.json and log.jsonl."""
-    loaded, missing = {}, []
-    for g in groups.values():
-        for name in g["runs"]:
+    loaded, missing, wall = {}, [], {}
+    for c in cells.values():
+        for name in c["runs"].values():
             path = os.path.join(runs_dir, name, "metrics.json")
             if os.path.isfile(path):
                 loaded[name] = read_json(path)
+                w = os.path.join(runs_dir, name, "bench_wall.json")
+                wall[name] = read_json(w)["wall_s"] if os.path.isfile(w) else None
             elif name not in missing:
                 missing.append(name)
 
-    rows, teacher, seen = [], {}, set()
-    for label, g in groups.items():
-        ms = [loaded[n] for n in g["runs"] if n in loaded]
-        for k in sorted({k for m in ms for k in m["student"]}, key=int):
-            row = {"group": label, "kind": g["kind"], "method": g["method"], "variant": g["variant"],
-                   "train_steps": g["steps"], "K": int(k), "betas": g["betas"], "bound": g["bound"],
-                   "ramp": g["ramp"]}
+    def done(c):  # {seed: metrics} of a cell's finished runs
+        return {s: loaded[n] for s, n in c["runs"].items() if n in loaded}
+
+    rows, teacher, ref, seen = [], {}, {}, set()
+    for label, c in cells.items():
+        ms = done(c)
+        for k in sorted({k for m in ms.values() for k in m["student"]}, key=int):
+            row = {"cell": label, **{key: c[key] for key in ("lab", "method", "variant", "betas", "bound", "p")},
+                   "train_steps": c["steps"], "K": int(k), "seeds": sorted(s for s, m in ms.items()
+                                                                        if k in m["student"])}
             for metric in METRICS:
-                row[metric] = spread([m["student"][k][metric] for m in ms if k in m["student"]])
+                row[metric] = spread([value(m, metric, k) for m in ms.values()])
+            if int(k) == c["steps"]:  # the covariate shift and cost belong to the trained K
+                row["shift_ratio"] = spread([value(m, "shift_ratio", k) for m in ms.values()])
+                row["it_per_s"] = spread([m.get("it_per_s") for m in ms.values()])
+                row["train_time_s"] = spread([m.get("train_time_s") for m in ms.values()])
+                row["wall_s"] = spread([wall[c["runs"][s]] for s in ms])
             rows.append(row)
-        for name in g["runs"]:  # teacher rows: the same DDIM whatever the student, so one per seed
-            if name not in loaded:
-                continue
-            seed = loaded[name]["config"]["seed"]
-            for k, m in loaded[name]["teacher"].items():
-                if (g["bound"], k, seed) not in seen:
-                    seen.add((g["bound"], k, seed))
-                    teacher.setdefault((g["bound"], int(k)), []).append(m)
-    teacher_rows = [{"bound": b, "K": k, **{metric: spread([m[metric] for m in ms]) for metric in METRICS}}
-                    for (b, k), ms in sorted(teacher.items())]
+        for s, m in ms.items():  # the teacher rows: the same DDIM whatever the student, one per seed
+            for k, r in m["teacher"].items():
+                if (c["lab"], k, s) not in seen:
+                    seen.add((c["lab"], k, s))
+                    teacher.setdefault((c["lab"], int(k)), []).append(r)
+            if m.get("teacher_ref") and (c["lab"], "ref", s) not in seen:
+                seen.add((c["lab"], "ref", s))
+                ref.setdefault(c["lab"], []).append(m["teacher_ref"])
+    teacher_rows = [{"lab": lab, "K": k, **{metric: spread([r.get(metric) for r in rs]) for metric in METRICS}}
+                    for (lab, k), rs in sorted(teacher.items())]
+    teacher_ref = {lab: {"n": rs[0]["n"], "steps": rs[0]["steps"], "floor_fd": spread([r["floor_fd"] for r in rs]),
+                         "floor_kid": spread([r["floor_kid"] for r in rs])} for lab, rs in ref.items()}
 
-    # the difference to the same method's baseline trained for the same K and evaluated at the
-    # same K, on the same seeds (the ablation: its own baseline-prior row); "beyond spread" when
-    # the min..max ranges over seeds do not overlap
-    def is_base(r):
-        return r["betas"] == list(BASELINE[r["method"]]) and r["bound"] == "none" and not r["ramp"]
-    base = {(r["kind"], r["method"], r["train_steps"], r["K"]): r["fd"] for r in rows
-            if is_base(r) and r["fd"]}
-    for r in rows:
-        b = base.get((r["kind"], r["method"], r["train_steps"], r["K"]))
-        if r["fd"] and b and not is_base(r):
-            apart = r["fd"]["max"] < b["min"] or r["fd"]["min"] > b["max"]
-            r["fd_vs_baseline"] = {"delta": r["fd"]["mean"] - b["mean"],  # (no spread from one seed)
-                                   "beyond_spread": apart if min(r["fd"]["n"], b["n"]) > 1 else None}
-
-    cost, shift = {}, {}
-    for method in SCRIPTS:
-        mg = {g["variant"]: g for g in groups.values() if g["kind"] == "main" and g["method"] == method
-              and g["steps"] == K}
-        if not mg:
+    # every variant against the baseline of the same (lab, method, K), paired by seed
+    by_cell = {(r["cell"], r["K"]): r for r in rows}
+    for label, c in cells.items():
+        if c["variant"] == "baseline":
             continue
-        done = {v: [loaded[n] for n in g["runs"] if n in loaded] for v, g in mg.items()}
-        ips = {v: spread([m.get("it_per_s") for m in ms]) for v, ms in done.items()}
-        tts = {v: spread([m.get("train_time_s") for m in ms]) for v, ms in done.items()}
-        curves = {v: [fd_curve(os.path.join(runs_dir, n, "log.jsonl")) for n in g["runs"]]
-                  for v, g in mg.items()}
-        # per DDIL / baseline pair: the time per iteration (from mean it/s), and the training time
-        # for each DDIL run to reach the same seed's baseline's final FD, both FDs read off the
-        # --eval-every curves (so on the same samples), beside the baseline's own time to it
-        ratio, reach = {}, {}
-        for a, b in (("+DDIL", "baseline"), ("+DDIL+reflect", "+reflect")):
-            if a not in mg or b not in mg:
-                continue
-            if ips[a] and ips[b]:
-                ratio[f"{a} / {b}"] = ips[b]["mean"] / ips[a]["mean"]
-            t_a, t_b = [], []
-            for ca, cb in zip(curves[a], curves[b]):
-                if ca and cb:
-                    t_a.append(time_to(ca, cb[-1][1])), t_b.append(time_to(cb, cb[-1][1]))
-            if t_b:
-                reach[f"{a} / {b}"] = {"ddil_s": spread(t_a), "baseline_s": spread(t_b),
-                                       "never_reached": sum(not math.isfinite(t) for t in t_a),
-                                       "runs": len(t_b)}
-        reach = reach or "not measured (no --eval-every FD curve in the runs' log.jsonl)"
-        cost[method] = {"it_per_s": ips, "train_time_s": tts, "time_per_it_ratio": ratio,
-                        "time_to_baseline_fd": reach, "fd_curves": curves}
-        shift[method] = {}
-        for v, g in mg.items():
-            cs = [m["covariate_shift"] for m in done[v] if m.get("covariate_shift")]
-            if not cs:
-                continue
+        base = next((b for b in cells.values() if b["variant"] == "baseline" and
+                     (b["lab"], b["method"], b["steps"]) == (c["lab"], c["method"], c["steps"])), None)
+        row = by_cell.get((label, c["steps"]))
+        if base is None or row is None:
+            continue
+        mv, mb = done(c), done(base)
+        row["vs_baseline"] = {key: compare_by_seed({s: value(m, key, c["steps"]) for s, m in mv.items()},
+                                                   {s: value(m, key, c["steps"]) for s, m in mb.items()},
+                                                   LOWER_IS_BETTER[key])
+                              for key in COMPARED}
+        b_row = by_cell.get((next(n for n, b in cells.items() if b is base), c["steps"]))
+        ips_v, ips_b = row.get("it_per_s"), b_row and b_row.get("it_per_s")
+        row["cost_ratio"] = ips_b["mean"] / ips_v["mean"] if ips_v and ips_b and ips_v["mean"] else None
+
+    shift, curves = {}, {}
+    for label, c in cells.items():
+        ms = done(c)
+        cs = [m["covariate_shift"] for m in ms.values() if m.get("covariate_shift")]
+        if cs:
             ts = [round(t, 6) for t in cs[0]["t"]]
-            per_t = {key: [spread([c[key][i] for c in cs if len(c[key]) == len(ts)]) for i in range(len(ts))]
-                     for key in ("ratio", "err_data", "err_own", "state_fd")}
-            shift[method][v] = {"t": ts, **per_t}
-    return {"rows": rows, "teacher": teacher_rows, "cost": cost, "covariate_shift": shift,
+            shift[label] = {"t": ts, **{key: [spread([x[key][i] for x in cs if len(x[key]) == len(ts)])
+                                              for i in range(len(ts))]
+                                        for key in ("ratio", "err_data", "err_own", "state_fd")}}
+        curves[label] = {s: fd_curve(os.path.join(runs_dir, c["runs"][s], "log.jsonl")) for s in ms}
+    walls = [w for w in wall.values() if finite(w)]
+    return {"cells": {label: {k: v for k, v in c.items() if k != "runs"} for label, c in cells.items()},
+            "rows": rows, "teacher": teacher_rows, "teacher_ref": teacher_ref, "covariate_shift": shift,
+            "fd_curves": curves, "runs_done": len(loaded), "runs_wall_s": sum(walls) if walls else None,
             "missing": missing}
 
 
@@ -353,71 +433,82 @@ def fmt(s, digits=3):
     return f"{s['mean']:.{digits}g} ± {s['std']:.2g} [{s['min']:.{digits}g}, {s['max']:.{digits}g}]"
 
 
+def fmt_diff(c):
+    if not c:
+        return "–"
+    if c["lo"] is None:
+        return f"{c['mean']:+.3g} (n = 1)"
+    return (f"{c['mean']:+.3g} [{c['lo']:+.3g}, {c['hi']:+.3g}] (n = {c['n']}, MDD {c['mdd']:.2g}) "
+            f"**{c['verdict']}**")
+
+
+def hours(s):
+    return f"{s / 3600:.2f} h" if s is not None else "–"
+
+
 def table_md(res):
-    lines = [f"# DDIL results on digits ({res['budget']} budget)", "",
+    lines = [f"# DDIL benchmark on digits ({res['budget']} budget)", "",
              f"Command: `{res['command']}`  ", f"Date: {res['date']}  ",
-             f"Seeds: {res['seeds']}; each cell: mean ± std [min, max] over seeds.", ""]
-    head = "| method | variant | K | n | FD | KID | precision | recall | entropy | FD vs baseline |"
-    sep = "|---|---|---:|---:|---|---|---|---|---|---|"
-    for kind, title in (("main", "## Students"), ("ablation", "## Mixing priors (LCM, K = 4, bound none)")):
-        rs = [r for r in res["rows"] if r["kind"] == kind]
-        if not rs:
+             f"Wall time of this command: {hours(res['wall_s'])}; of the {res['runs_done']} runs aggregated "
+             f"(as run by this script, at the --jobs they ran under): {hours(res['runs_wall_s'])}  ",
+             f"Seeds: {res['seeds']}. Per-script flags: " +
+             "; ".join(f"{m}: `{' '.join(f)}`" for m, f in res["flags"].items()) + "  ",
+             "Cells: mean ± std [min, max] over seeds. Differences: variant - baseline of the same lab, "
+             "method and K, paired by seed (only seeds in both), mean [95% CI, Student's t] (n, minimum "
+             "detectable difference at 80% power); better / worse only when the interval excludes 0. "
+             "Cost: iterations/s of the baseline / the variant's. Shift ratio: err_own / err_data at the "
+             "last grid time (1 = no covariate shift; lower / higher, not better / worse).", ""]
+    if res["teacher_ref"]:
+        lines += ["## Teacher reference (fd_teacher's set and its noise floor: FD between two such sets)", "",
+                  "| lab | samples | steps | floor FD | floor KID |", "|---|---:|---:|---|---|"]
+        lines += [f"| {lab} | {r['n']} | {r['steps']} | {fmt(r['floor_fd'])} | {fmt(r['floor_kid'])} |"
+                  for lab, r in res["teacher_ref"].items()] + [""]
+    rows = [r for r in res["rows"] if r["K"] == r["train_steps"]]
+    for lab in LABS:
+        lr = [r for r in rows if r["lab"] == lab]
+        if not lr:
             continue
-        lines += [title, "", head, sep]
-        for r in rs:
-            d = r.get("fd_vs_baseline")
-            vs = "" if not d else f"{d['delta']:+.3g}" + {True: " (beyond spread)", False: " (within spread)",
-                                                          None: ""}[d["beyond_spread"]]
-            n = max((r[m]["n"] for m in METRICS if r[m]), default=0)
-            variant = r["variant"] + (f" (G trained for K = {r['train_steps']})"
-                                      if r["train_steps"] != r["K"] and r["method"] == "dmd2" else "")
-            lines.append(f"| {r['method']} | {variant} | {r['K']} | {n} | " +
-                         " | ".join(fmt(r[m]) for m in METRICS) + f" | {vs} |")
-        lines.append("")
+        w = f" (guided at w = {W})" if lab == "cond" else ""
+        lines += [f"## Lab {lab}{w}", ""]
+        for method in SCRIPTS:
+            for k in sorted({r["K"] for r in lr if r["method"] == method}):
+                rs = [r for r in lr if r["method"] == method and r["K"] == k]
+                lines += [f"### {lab} {method}, K = {k}", "",
+                          "| variant | n | FD | FD vs teacher | paired px | shift ratio | cost |"
+                          + (" cond. acc. |" if lab == "cond" else ""),
+                          "|---|---:|---|---|---|---|---:|" + ("---|" if lab == "cond" else "")]
+                for r in rs:
+                    cost = f"{r['cost_ratio']:.2f}" if r.get("cost_ratio") else "–"
+                    lines.append(f"| {r['variant']} | {len(r['seeds'])} | {fmt(r['fd'])} | {fmt(r['fd_teacher'])} | "
+                                 f"{fmt(r['paired_px'])} | {fmt(r.get('shift_ratio'))} | {cost} |"
+                                 + (f" {fmt(r['cond_acc'])} |" if lab == "cond" else ""))
+                diffs = [r for r in rs if r.get("vs_baseline")]
+                if diffs:
+                    lines += ["", "| variant - baseline | Δ FD | Δ FD vs teacher | Δ paired px | Δ shift ratio |",
+                              "|---|---|---|---|---|"]
+                    lines += [f"| {r['variant']} | " + " | ".join(fmt_diff(r["vs_baseline"][key])
+                                                                  for key in COMPARED) + " |" for r in diffs]
+                lines.append("")
     if res["teacher"]:
-        lines += ["## Teacher DDIM (reference rows)", "",
-                  "| bound | K | n | FD | KID | precision | recall | entropy |",
-                  "|---|---:|---:|---|---|---|---|---|"]
+        lines += ["## Teacher DDIM rows (the cond lab guided at w = 2)", "",
+                  "| lab | K | n | FD | FD vs teacher | paired px | cond. acc. |", "|---|---:|---:|---|---|---|---|"]
         for r in res["teacher"]:
-            n = max((r[m]["n"] for m in METRICS if r[m]), default=0)
-            lines.append(f"| {r['bound']} | {r['K']} | {n} | " + " | ".join(fmt(r[m]) for m in METRICS)
-                         + " |")
+            lines.append(f"| {r['lab']} | {r['K']} | {r['fd']['n'] if r['fd'] else 0} | {fmt(r['fd'])} | "
+                         f"{fmt(r['fd_teacher'])} | {fmt(r['paired_px'])} | {fmt(r['cond_acc'])} |")
         lines.append("")
-    if res["cost"]:
-        lines += ["## Cost", "", "| method | variant | iterations/s | train time (s) |", "|---|---|---|---|"]
-        for method, c in res["cost"].items():
-            for v in c["it_per_s"]:
-                lines.append(f"| {method} | {v} | {fmt(c['it_per_s'][v])} | {fmt(c['train_time_s'][v])} |")
-        lines.append("")
-        for method, c in res["cost"].items():
-            ratios = ", ".join(f"{k} = {v:.2f}" for k, v in c["time_per_it_ratio"].items()) or "–"
-            reach = c["time_to_baseline_fd"]
-            if not isinstance(reach, str):
-                reach = "; ".join(f"{k}: {fmt(v['ddil_s'])} s against {fmt(v['baseline_s'])} s"
-                                  + (f" ({v['never_reached']} of {v['runs']} seeds never)"
-                                     if v["never_reached"] else "") for k, v in reach.items())
-            lines.append(f"- {method}: time per iteration (from mean iterations/s): {ratios}. "
-                         f"Training time to the baseline's final FD (curve on --eval-every-samples): {reach}.")
-        lines.append("")
-    if any(res["covariate_shift"].values()):
-        lines += ["## Covariate shift: err_own / err_data per grid time (mean ± std over seeds)", ""]
-        for method, vs in res["covariate_shift"].items():
-            if not vs:
-                continue
-            ts = next(iter(vs.values()))["t"]
-            lines += [f"{method}:", "", "| variant | " + " | ".join(f"t = {t:.3g}" for t in ts) + " |",
-                      "|---|" + "---|" * len(ts)]
-            for v, s in vs.items():
-                lines.append(f"| {v} | " + " | ".join(fmt(x) for x in s["ratio"]) + " |")
-            lines.append("")
     if res["missing"] or res["failed"]:
-        lines += [f"Missing runs: {', '.join(res['missing']) or 'none'}; "
+        lines += [f"Missing runs ({len(res['missing'])}): {', '.join(res['missing']) or 'none'}; "
                   f"failed: {', '.join(res['failed']) or 'none'}", ""]
     return "\n".join(lines)
 
 
+COLORS = {"baseline": "tab:blue", "+DDIL": "tab:orange", "+DDIL+reflect": "tab:green",
+          "+DDIL mixed": "tab:red", "+reflect": "tab:purple"}
+
+
 def plots(res, out):
-    """covariate_shift.png, fd_curves.png and fd.png (small: 80 dpi); skipped without matplotlib."""
+    """fd_curves.png and covariate_shift.png, a panel per (lab, method) at the largest K (80 dpi);
+    skipped without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -425,62 +516,45 @@ def plots(res, out):
     except ImportError:
         print("plots skipped: pip install matplotlib", flush=True)
         return []
-    written = []
-    cs = {m: v for m, v in res["covariate_shift"].items() if v}
-    if cs:
-        fig, axes = plt.subplots(1, len(cs), figsize=(3.2 * len(cs), 2.8), squeeze=False)
-        for ax, (method, vs) in zip(axes[0], cs.items()):
-            for v in ("baseline", "+DDIL"):
-                if v in vs:
-                    ok = [(t, s) for t, s in zip(vs[v]["t"], vs[v]["ratio"]) if s]
-                    ax.errorbar([t for t, _ in ok], [s["mean"] for _, s in ok],
-                                yerr=[s["std"] for _, s in ok], marker="o", capsize=3, label=v)
-            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-            ax.set(title=method, xlabel="grid time t", ylabel="err_own / err_data")
-            ax.invert_xaxis()  # sampling order: t = 1 first
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(os.path.join(out, "covariate_shift.png"))
-        fig.savefig(written[-1], dpi=80)
-        plt.close(fig)
-    curves = {m: c["fd_curves"] for m, c in res["cost"].items() if any(map(any, c.get("fd_curves", {}).values()))}
-    if curves:  # FD over training time, one thin line per seed
-        fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 2.8), squeeze=False)
-        for ax, (method, cv) in zip(axes[0], curves.items()):
-            for v, color in (("baseline", "tab:blue"), ("+DDIL", "tab:orange")):  # as covariate_shift.png
-                for i, c in enumerate(cv.get(v, [])):
-                    if c:
-                        ax.plot([t for t, _ in c], [fd for _, fd in c], color=color, lw=1, marker=".",
-                                label=v if i == 0 else None)
-            ax.set(title=f"{method}, K = {K}", xlabel="training time (s)", ylabel="FD", yscale="log")
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(os.path.join(out, "fd_curves.png"))
-        fig.savefig(written[-1], dpi=80)
-        plt.close(fig)
+    k = max(STEPS)
     panels = {}
-    for r in res["rows"]:
-        if r["K"] == K and r["train_steps"] == K and r["fd"]:
-            key = r["method"] if r["kind"] == "main" else f"{r['method']} priors"
-            panels.setdefault(key, []).append(r)
-    if panels:
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.4), squeeze=False)
-        for ax, (key, rs) in zip(axes[0], panels.items()):
-            x = range(len(rs))
-            means = [r["fd"]["mean"] for r in rs]
-            ax.bar(x, means, yerr=[r["fd"]["std"] for r in rs], capsize=3, color="tab:blue", alpha=0.7)
-            ax.vlines(x, [r["fd"]["min"] for r in rs], [r["fd"]["max"] for r in rs], color="k", lw=0.8)
-            ax.set_xticks(list(x))
-            ax.set_xticklabels([r["variant"].replace("betas ", "").replace(", beta_student ramped over the first",
-                                                                             " ramp")
-                                for r in rs], rotation=45, ha="right", fontsize=7)
-            ref = [t for t in res["teacher"] if t["bound"] == "none" and t["fd"]]
-            if ref:  # the many-step teacher (rows are sorted by K)
-                ax.axhline(ref[-1]["fd"]["mean"], color="grey", ls="--", lw=0.8)
-                ax.text(0, ref[-1]["fd"]["mean"], f"teacher, {ref[-1]['K']} steps", fontsize=6, va="bottom")
-            ax.set(title=f"{key}, K = {K}", ylabel="FD (bars: std; lines: min-max)")
+    for label, c in res["cells"].items():
+        if c["steps"] == k:
+            panels.setdefault((c["lab"], c["method"]), []).append(label)
+    written = []
+    for fname, ylabel in (("fd_curves.png", "FD (--eval-every curve)"), ("covariate_shift.png", "err_own / err_data")):
+        keys = [pk for pk in panels if any(res["fd_curves" if fname == "fd_curves.png" else "covariate_shift"]
+                                           .get(label) for label in panels[pk])]
+        if not keys:
+            continue
+        labs = [lab for lab in LABS if any(pk[0] == lab for pk in keys)]
+        methods = [m for m in SCRIPTS if any(pk[1] == m for pk in keys)]
+        fig, axes = plt.subplots(len(labs), len(methods), figsize=(3.3 * len(methods), 2.8 * len(labs)),
+                                 squeeze=False)
+        for (lab, method), labels in panels.items():
+            if (lab, method) not in keys:
+                continue
+            ax = axes[labs.index(lab)][methods.index(method)]
+            for label in labels:
+                v, color = res["cells"][label]["variant"], COLORS.get(res["cells"][label]["variant"])
+                if fname == "fd_curves.png":
+                    for i, curve in enumerate(c for c in res["fd_curves"].get(label, {}).values() if c):
+                        ax.plot([t for t, _ in curve], [fd for _, fd in curve], color=color, lw=0.8,
+                                marker=".", label=v if i == 0 else None)
+                    ax.set(xlabel="training time (s)", yscale="log")
+                elif label in res["covariate_shift"]:
+                    cs = res["covariate_shift"][label]
+                    ok = [(t, s) for t, s in zip(cs["t"], cs["ratio"]) if s]
+                    ax.errorbar([t for t, _ in ok], [s["mean"] for _, s in ok], yerr=[s["std"] for _, s in ok],
+                                marker="o", capsize=3, color=color, label=v)
+                    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+                    ax.set(xlabel="grid time t")
+                    if not ax.xaxis_inverted():
+                        ax.invert_xaxis()  # sampling order: t = 1 first
+            ax.set(title=f"{lab} {method}, K = {k}", ylabel=ylabel)
+            ax.legend(fontsize=6)
         fig.tight_layout()
-        written.append(os.path.join(out, "fd.png"))
+        written.append(os.path.join(out, fname))
         fig.savefig(written[-1], dpi=80)
         plt.close(fig)
     return written
@@ -488,15 +562,15 @@ def plots(res, out):
 
 def check_against(res, path):
     """Rows of `res` whose mean metric lies outside the committed run's [min, max] over seeds (FD,
-    KID, precision, recall; rows with one seed on either side are compared by value). Returns
-    (agreeing, compared, lines for the disagreements)."""
+    FD vs teacher, KID, precision, recall; rows with one seed on either side are compared by value).
+    Returns (agreeing, compared, lines for the disagreements)."""
     if not os.path.isfile(path):
         H.fail(f"--check {path} does not exist: give a results.json written by this script")
-    old = {(r["group"], r["K"]): r for r in read_json(path)["rows"]}
+    old = {(r.get("cell"), r["K"]): r for r in read_json(path)["rows"]}  # (older layouts: no cell)
     agree, compared, bad = 0, 0, []
     for r in res["rows"]:
-        o = old.get((r["group"], r["K"]))
-        for metric in ("fd", "kid", "precision", "recall"):
+        o = old.get((r["cell"], r["K"]))
+        for metric in ("fd", "fd_teacher", "kid", "precision", "recall"):
             if not o or not o.get(metric) or not r.get(metric):
                 continue
             compared += 1
@@ -505,26 +579,30 @@ def check_against(res, path):
             if lo - tol <= new <= hi + tol:
                 agree += 1
             else:
-                bad.append(f"{r['group']} K={r['K']} {metric}: {new:.4g} outside [{lo:.4g}, {hi:.4g}]")
+                bad.append(f"{r['cell']} K={r['K']} {metric}: {new:.4g} outside [{lo:.4g}, {hi:.4g}]")
     return agree, compared, bad
 
 
 def main(argv=None):
+    t0 = time.time()
     cfg = H.parse_config(Config, argv)
     cfg.runs_dir = cfg.runs_dir or os.path.join("bench", "out", cfg.budget)
     command = "python bench/results.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     print(f"command: {command}", flush=True)
-    groups, runs = plan(cfg)
-    if cfg.teacher and not os.path.isfile(cfg.teacher):
-        H.fail(f"--teacher {cfg.teacher} does not exist: train one with teacher.py or leave --teacher out")
+    cells, runs = plan(cfg)
+    for flag, path in (("--teacher", cfg.teacher), ("--teacher-cond", cfg.teacher_cond)):
+        if path and not os.path.isfile(path):
+            H.fail(f"{flag} {path} does not exist: train one with teacher.py or leave {flag} out")
     # the scripts run in the repository root: make relative paths the caller's
     cfg.runs_dir, cfg.out = os.path.abspath(cfg.runs_dir), os.path.abspath(cfg.out)
     cfg.teacher = os.path.abspath(cfg.teacher) if cfg.teacher else ""
+    cfg.teacher_cond = os.path.abspath(cfg.teacher_cond) if cfg.teacher_cond else ""
     cfg.data_dir = os.path.abspath(cfg.data_dir)
     failed = execute(cfg, runs) if cfg.run else []
     res = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "budget": cfg.budget, "seeds": cfg.seeds, "flags": {m: BUDGETS[cfg.budget][m] for m in SCRIPTS},
-           **aggregate(groups, cfg.runs_dir), "failed": failed}
+           "lab_flags": LABS, **aggregate(cells, cfg.runs_dir), "failed": failed}
+    res["wall_s"] = time.time() - t0
     if cfg.check:
         agree, compared, bad = check_against(res, cfg.check)
         res["check"] = {"against": cfg.check, "agree": agree, "compared": compared, "outside": bad}

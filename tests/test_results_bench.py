@@ -1,5 +1,6 @@
-"""bench/results.py: the plan, the aggregation over seeds on constructed metrics.json files, and one
-smoke run end to end."""
+"""bench/results.py: the paired statistics on a constructed case, the plan (the grid and each
+run's flags), the aggregation on fabricated metrics.json files (pairing by seed, a missing seed
+dropped on both sides), and a two-run smoke end to end."""
 import json
 import math
 import os
@@ -13,160 +14,221 @@ import results as R  # noqa: E402
 TS = [1.0, 0.75, 0.5, 0.25]
 
 
-def fake_metrics(path, fd, it_per_s, seed, bound, ratio):
-    """A metrics.json as lcm_ddil.py writes it; FD at K = 4 is `fd`, K = 1 and 2 derived from it."""
-    row = lambda f: {"fd": f, "kid": f / 10, "precision": 0.8, "recall": 0.9, "entropy": 2.3}  # noqa: E731
-    os.makedirs(path)
-    m = {"student": {"1": row(fd + 1), "2": row(fd + 0.5), "4": row(fd)},
-         "teacher": {"4": row(10 + seed), "64": row(1 + seed)},
-         "covariate_shift": {"t": TS, "err_data": [1.0] * 4, "err_own": ratio, "ratio": ratio,
-                             "state_fd": [0.0] * 4},
-         "it_per_s": it_per_s, "train_time_s": 100 / it_per_s, "config": {"seed": seed, "bound": bound}}
-    with open(os.path.join(path, "metrics.json"), "w") as fh:
-        json.dump(m, fh)
+def test_paired_ci_known_interval(monkeypatch):
+    # differences [1, 2, 3, 4, 5]: mean 3, sd 1.5811, t_{0.975,4} = 2.7764, half-width 1.963;
+    # MDD (2.7764 + 0.9410) 1.5811 / sqrt(5) = 2.629
+    b = [10.0, 20.0, 30.0, 40.0, 50.0]
+    a = [x + d for x, d in zip(b, [1, 2, 3, 4, 5])]
+    c = R.paired_ci(a, b)
+    assert c["n"] == 5 and c["mean"] == pytest.approx(3.0) and c["sd"] == pytest.approx(1.5811, abs=1e-4)
+    assert c["half_width"] == pytest.approx(1.963, abs=1e-3)
+    assert (c["lo"], c["hi"]) == pytest.approx((3 - 1.963, 3 + 1.963), abs=1e-3)
+    assert c["mdd"] == pytest.approx(2.629, abs=1e-3)
+    assert c["a"] == [11.0, 55.0] and c["b"] == [10.0, 50.0]
+    # the order is the pairing: the same values paired otherwise give another interval
+    assert R.paired_ci(a, b[::-1])["sd"] != pytest.approx(c["sd"])
+    # the hard-coded t table (no scipy) gives the same interval
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)
+    assert R.t_quantiles(4) == (2.7764, 0.941)
+    assert R.paired_ci(a, b)["half_width"] == pytest.approx(1.963, abs=1e-3)
+    assert R.t_quantiles(40) == (1.96, 0.8416)
+    monkeypatch.undo()
+    pytest.importorskip("scipy")
+    assert all(R.t_quantiles(df) == pytest.approx((R.T975[df - 1], R.T80[df - 1]), abs=1e-4)
+               for df in range(1, 31))
+    # one pair: a difference, no interval; none: None; unequal arms: an error
+    one = R.paired_ci([2.0], [1.5])
+    assert one["mean"] == 0.5 and one["lo"] is None and one["mdd"] is None
+    assert R.paired_ci([], []) is None
+    with pytest.raises(ValueError):
+        R.paired_ci([1.0, 2.0], [1.0])
+    # verdicts: only an interval that excludes 0 decides
+    assert R.verdict(c) == "worse" and R.verdict(R.paired_ci(b, a)) == "better"
+    assert R.verdict(R.paired_ci(b, a), None) == "lower" and R.verdict(c, None) == "higher"
+    assert R.verdict(R.paired_ci([1.0, 2.0, 3.0], [2.0, 1.0, 3.0])) == "no difference"
+    assert R.verdict(one) == "n < 2"
 
 
-def test_plan_covers_the_grid_and_shares_ablation_runs():
-    groups, runs = R.plan(R.H.parse_config(R.Config, []))
-    main = [g for g in groups.values() if g["kind"] == "main"]
-    abl = [g for g in groups.values() if g["kind"] == "ablation"]
-    assert len(main) == 3 * 4 + 1 + len(R.EXTRA) and all(len(g["runs"]) == 3 for g in main)
-    assert len(abl) == len(R.ABLATION) + len(R.SCHEDULES) and all(len(g["runs"]) == 2 for g in abl)
-    # LCM (1,0,0) and (0.5,0,0.5) at bound none are the main grid's baseline and +DDIL runs
-    assert groups["lcm ablation (1, 0, 0)"]["runs"] == groups["lcm baseline"]["runs"][:2]
-    assert groups["lcm ablation (0.5, 0, 0.5)"]["runs"] == groups["lcm +DDIL"]["runs"][:2]
-    assert len(runs) == 3 * 4 * 3 + 3 + 3 * len(R.EXTRA) + (len(R.ABLATION) - 2 + len(R.SCHEDULES)) * 2
+def test_plan_grid_and_flags():
+    cells, runs = R.plan(R.H.parse_config(R.Config, []))
+    # 2 labs x 3 methods x 4 variants x K in {2, 4} + DMD2 K = 1 (baseline, +reflect) per lab; 5 seeds
+    assert len(cells) == 2 * (3 * 4 * 2 + 2) == 52 and len(runs) == 52 * 5 == 260
+    assert all(sorted(c["runs"]) == [0, 1, 2, 3, 4] for c in cells.values())
+    assert {c["variant"] for c in cells.values() if c["steps"] == 1} == {"baseline", "+reflect"}
+    assert {c["method"] for c in cells.values() if c["steps"] == 1} == {"dmd2"}
+    order = [spec[-1] for spec in runs.values()]
+    assert order == sorted(order)  # seed by seed: a benchmark stopped part-way has whole seeds
     cfg = R.H.parse_config(R.Config, ["--runs-dir", "x"])
 
     def flags(label, seed=0):
-        argv = R.argv_of(cfg, groups[label]["runs"][seed], runs[groups[label]["runs"][seed]])
-        return {a: argv[i + 1] for i, a in enumerate(argv) if a.startswith("--")}
-    f = flags("dmd2 baseline")
-    betas_bound = (f["--beta-data"], f["--beta-teacher"], f["--beta-student"], f["--bound"])
-    assert betas_bound == ("0", "0", "1", "none")
-    f = flags("dmd2 +DDIL (0.25, 0.25, 0.5)+reflect", 1)  # DMD2 with teacher rollouts
-    assert (f["--beta-teacher"], f["--bound"], f["--seed"]) == ("0.25", "reflect", "1")
-    f = flags("pd +DDIL+reflect", 2)
-    assert (f["--beta-data"], f["--beta-student"], f["--bound"], f["--seed"]) == ("0.5", "0.5", "reflect", "2")
-    assert flags("dmd2 baseline, 1-step G")["--steps"] == "1" and flags("lcm +reflect")["--steps"] == "4"
-    assert flags("lcm +DDIL")["--beta-ramp"] == "0" and flags("lcm ablation (0.5, 0, 0.5) ramp 0.5")["--beta-ramp"] == "0.5"
+        name = cells[label]["runs"][seed]
+        argv = R.argv_of(cfg, name, runs[name])
+        assert argv[-1] == os.path.join("x", name)
+        return {a: argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else True
+                for i, a in enumerate(argv) if a.startswith("--")}
+    f = flags("uncond dmd2 K=4 baseline")
+    assert (f["--beta-data"], f["--beta-teacher"], f["--beta-student"], f["--bound"]) == ("0", "0", "1", "none")
+    assert (f["--sample-bound"], f["--ref-samples"], f["--rollout-teacher-p"]) == ("clip", "5000", "0")
+    assert "--eval-every" in f and "--cond" not in f and "--guidance" not in f
+    f = flags("uncond pd K=2 baseline", 3)
+    assert (f["--beta-data"], f["--beta-student"], f["--steps"], f["--seed"]) == ("1", "0", "2", "3")
+    f = flags("cond lcm K=4 +DDIL mixed", 2)
+    assert f["--cond"] is True and (f["--w-min"], f["--w-max"]) == ("1", "3") and "--guidance" not in f
+    assert (f["--beta-data"], f["--beta-student"], f["--bound"], f["--rollout-teacher-p"]) == ("0.5", "0.5", "none", "0.5")
+    assert cells["cond lcm K=4 +DDIL mixed"]["runs"][2] == "cond-lcm-K4-b0.5_0_0.5-none-mix0.5-s2"
+    for method in ("pd", "dmd2"):
+        f = flags(f"cond {method} K=2 +DDIL+reflect")
+        assert f["--cond"] is True and f["--guidance"] == "2" and f["--bound"] == "reflect"
+    f = flags("cond dmd2 K=1 +reflect")
+    assert (f["--steps"], f["--beta-student"], f["--bound"]) == ("1", "1", "reflect")
+    assert all(flags(label)["--sample-bound"] == "clip" and "--eval-every" in flags(label) for label in cells)
+    # every run has its own folder
+    assert len(set(runs)) == len(runs)
+    # the filters, and the teachers per lab
+    cells, runs = R.plan(R.H.parse_config(R.Config, ["--lab", "cond", "--only", "dmd2,lcm", "--seeds", "7"]))
+    assert len(cells) == 2 * 4 * 2 + 2 and {c["lab"] for c in cells.values()} == {"cond"}
+    assert {c["method"] for c in cells.values()} == {"lcm", "dmd2"} and all(n.endswith("-s7") for n in runs)
+    cfg = R.H.parse_config(R.Config, ["--teacher", "u.pt", "--teacher-cond", "c.pt", "--budget", "smoke"])
+    name = next(iter(runs))
+    argv = R.argv_of(cfg, name, runs[name])
+    assert argv[argv.index("--teacher") + 1] == "c.pt" and "5000" not in argv
     with pytest.raises(SystemExit, match="--only"):
         R.plan(R.H.parse_config(R.Config, ["--only", "lcm,gan"]))
+    with pytest.raises(SystemExit, match="--lab"):
+        R.plan(R.H.parse_config(R.Config, ["--lab", "imagenet"]))
 
 
-def test_aggregation_over_seeds(tmp_path, monkeypatch, capsys):
+def fake_metrics(path, fd, seed, *, fd_teacher=None, paired_px=None, ratio_last=1.0, it_per_s=10.0,
+                 floor=0.01):
+    """A metrics.json as the scripts write it at K = 4 (and K = 1), with a log.jsonl FD curve."""
+    def row(f, ft, px):
+        return {"fd": f, "kid": f / 10, "precision": 0.8, "recall": 0.9, "entropy": 2.3,
+                "fd_teacher": ft, "kid_teacher": None if ft is None else ft / 10,
+                "paired_px": px, "paired_feat": None if px is None else 2 * px}
+    os.makedirs(path)
+    m = {"student": {"1": row(fd + 1, None, 0.5), "4": row(fd, fd_teacher, paired_px)},
+         "teacher": {"4": row(10 + seed, 9 + seed, 0.1), "64": row(1 + seed, 0.5, 0.0)},
+         "w": None, "sample_bound": "clip",
+         "teacher_ref": {"n": 16, "steps": 64, "floor_fd": floor, "floor_kid": floor / 10},
+         "covariate_shift": {"t": TS, "err_data": [1.0] * 4, "err_own": [2.0, 1.5, 1.2, ratio_last],
+                             "ratio": [2.0, 1.5, 1.2, ratio_last], "state_fd": [0.0] * 4},
+         "it_per_s": it_per_s, "train_time_s": 100 / it_per_s, "config": {"seed": seed}}
+    with open(os.path.join(path, "metrics.json"), "w") as fh:
+        json.dump(m, fh)
+    with open(os.path.join(path, "log.jsonl"), "w") as fh:
+        fh.write(json.dumps({"step": 1, "loss": 1.0}) + "\n")  # not a curve record
+        for t, f in ((10, fd + 2), (20, fd)):
+            fh.write(json.dumps({"step": t, "train_s": t, "fd": f, "kid": 0.0}) + "\n")
+
+
+def test_aggregation_pairs_by_seed(tmp_path, monkeypatch, capsys):
     runs_dir, out = tmp_path / "runs", tmp_path / "res"
-    fds = {"baseline": [1.0, 2.0, 3.0], "+reflect": [2.5, 1.5, 2.0], "+DDIL": [0.1, 0.2, 0.3],
-           "+DDIL+reflect": [0.4, 0.5, 0.6]}
-    ips = {"baseline": 10.0, "+reflect": 8.0, "+DDIL": 5.0, "+DDIL+reflect": 4.0}
-    for variant, (which, bound) in R.VARIANTS.items():
-        betas = R.BASELINE["lcm"] if which == "baseline" else R.DDIL["lcm"]
-        for seed, fd in enumerate(fds[variant]):
-            ratio = [1.0, 2.0 + seed, 1.0, float("inf") if seed == 0 else 3.0]
-            fake_metrics(str(runs_dir / R.run_name("lcm", 4, betas, bound, seed)), fd, ips[variant],
-                         seed, bound, ratio)
-    # --eval-every curves (train_s, fd) for seeds 0 and 1: the baseline ends at 2.0 (reached at 30 s);
-    # DDIL seed 0 gets there at 24 s, seed 1 never
-    curves = {("baseline", 0): [(10, 5.0), (20, 3.0), (30, 2.0)], ("baseline", 1): [(10, 4.0), (30, 2.0)],
-              ("+DDIL", 0): [(12, 4.0), (24, 1.9), (36, 1.0)], ("+DDIL", 1): [(12, 4.0), (36, 2.5)]}
-    for (variant, seed), curve in curves.items():
-        betas = R.BASELINE["lcm"] if variant == "baseline" else R.DDIL["lcm"]
-        with open(runs_dir / R.run_name("lcm", 4, betas, "none", seed) / "log.jsonl", "w") as fh:
-            fh.write(json.dumps({"step": 1, "time": 0.5, "loss": 1.0}) + "\n")  # not a curve record
-            for t, fd in curve:
-                fh.write(json.dumps({"step": t, "time": t + 5, "train_s": t, "fd": fd}) + "\n")
+    argv = ["--budget", "smoke", "--seeds", "0", "1", "2", "3", "--only", "lcm", "--lab", "uncond",
+            "--runs-dir", str(runs_dir), "--out", str(out), "--no-run"]
+    cells, _ = R.plan(R.H.parse_config(R.Config, argv))
+    base, ddil, mixed = (cells[f"uncond lcm K=4 {v}"]["runs"] for v in ("baseline", "+DDIL", "+DDIL mixed"))
+    # baseline seeds 0..3; +DDIL lacks seed 2, so its pairs are seeds 0, 1, 3: differences
+    # -2, -3, -4 in FD (the baseline's seed 2, 100, would move any unpaired mean), fd_teacher
+    # 0.1, -0.1, 0 (no difference), paired_px null for a re-noising sampler
+    fd_b = {0: 5.0, 1: 6.0, 2: 100.0, 3: 7.0}
+    for s, fd in fd_b.items():
+        fake_metrics(str(runs_dir / base[s]), fd, s, fd_teacher=1.0, ratio_last=2.0 + s / 10, it_per_s=10.0)
+    for s, (d, dt) in {0: (-2, 0.1), 1: (-3, -0.1), 3: (-4, 0.0)}.items():
+        fake_metrics(str(runs_dir / ddil[s]), fd_b[s] + d, s, fd_teacher=1.0 + dt, ratio_last=1.0, it_per_s=5.0,
+                     floor=0.03)
+    fake_metrics(str(runs_dir / mixed[0]), 4.0, 0, fd_teacher=1.0, it_per_s=4.0)  # one seed: no interval
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # the results must not need matplotlib
-    res = R.main(["--budget", "smoke", "--seeds", "0", "1", "2", "--only", "lcm", "--runs-dir",
-                  str(runs_dir), "--out", str(out), "--no-run"])
+    res = R.main(argv)
     assert "pip install matplotlib" in capsys.readouterr().out
     assert sorted(os.listdir(out)) == ["results.json", "table.md"]
 
-    rows = {(r["variant"], r["K"]): r for r in res["rows"]}
-    assert len(rows) == 4 * 3  # K = 1, 2, 4 per variant
-    s = rows[("baseline", 4)]["fd"]
-    assert (s["mean"], s["std"], s["min"], s["max"], s["n"]) == pytest.approx((2.0, 1.0, 1.0, 3.0, 3))
-    assert rows[("baseline", 1)]["fd"]["mean"] == pytest.approx(3.0)
-    assert rows[("+DDIL", 4)]["kid"]["mean"] == pytest.approx(0.02)
-    assert rows[("+DDIL", 4)]["fd"]["std"] == pytest.approx(0.1)
-    d = rows[("+DDIL", 4)]["fd_vs_baseline"]
-    assert d["delta"] == pytest.approx(-1.8) and d["beyond_spread"] is True
-    assert rows[("+reflect", 4)]["fd_vs_baseline"]["beyond_spread"] is False
-    # teacher rows: one per (bound, K) and seed, however many variants share that bound
-    teacher = {(r["bound"], r["K"]): r for r in res["teacher"]}
-    assert set(teacher) == {("none", 4), ("none", 64), ("reflect", 4), ("reflect", 64)}
-    assert teacher[("none", 64)]["fd"]["n"] == 3 and teacher[("none", 64)]["fd"]["mean"] == pytest.approx(2.0)
-    cost = res["cost"]["lcm"]
-    assert cost["time_per_it_ratio"]["+DDIL / baseline"] == pytest.approx(2.0)
-    assert cost["time_per_it_ratio"]["+DDIL+reflect / +reflect"] == pytest.approx(2.0)
-    reach = cost["time_to_baseline_fd"]
-    assert set(reach) == {"+DDIL / baseline"}  # the reflect pair has no curves
-    assert reach["+DDIL / baseline"]["ddil_s"]["mean"] == 24 and reach["+DDIL / baseline"]["ddil_s"]["n"] == 1
-    assert reach["+DDIL / baseline"]["baseline_s"]["mean"] == 30
-    assert (reach["+DDIL / baseline"]["never_reached"], reach["+DDIL / baseline"]["runs"]) == (1, 2)
-    assert "24 s against 30 ± 0 [30, 30] s (1 of 2 seeds never)" in (out / "table.md").read_text()
-    cs = res["covariate_shift"]["lcm"]["baseline"]
-    assert cs["t"] == TS and cs["ratio"][1]["mean"] == pytest.approx(3.0)
-    assert cs["ratio"][3]["n"] == 2 and cs["ratio"][3]["mean"] == pytest.approx(3.0)  # inf dropped
+    rows = {(r["cell"], r["K"]): r for r in res["rows"]}
+    b_row, d_row = rows[("uncond lcm K=4 baseline", 4)], rows[("uncond lcm K=4 +DDIL", 4)]
+    assert (b_row["fd"]["n"], b_row["fd"]["max"], d_row["seeds"]) == (4, 100.0, [0, 1, 3])
+    fd = d_row["vs_baseline"]["fd"]
+    assert fd["seeds"] == [0, 1, 3] and fd["n"] == 3 and fd["mean"] == pytest.approx(-3.0)
+    assert fd["sd"] == pytest.approx(1.0) and fd["half_width"] == pytest.approx(4.3027 / math.sqrt(3), abs=1e-3)
+    assert fd["verdict"] == "better" and fd["b"] == [5.0, 7.0] and fd["a"] == [3.0, 3.0]
+    ft = d_row["vs_baseline"]["fd_teacher"]
+    assert ft["mean"] == pytest.approx(0.0) and ft["verdict"] == "no difference"
+    assert d_row["vs_baseline"]["paired_px"] is None  # null on both sides: nothing to compare
+    sr = d_row["vs_baseline"]["shift_ratio"]  # the last grid time: baseline 2, 2.1, 2.3 on seeds 0, 1, 3
+    assert sr["mean"] == pytest.approx(1.0 - 6.4 / 3) and sr["verdict"] == "lower"
+    assert d_row["cost_ratio"] == pytest.approx(2.0) and d_row["shift_ratio"]["mean"] == pytest.approx(1.0)
+    m_row = rows[("uncond lcm K=4 +DDIL mixed", 4)]
+    assert m_row["vs_baseline"]["fd"]["n"] == 1 and m_row["vs_baseline"]["fd"]["verdict"] == "n < 2"
+    assert m_row["cost_ratio"] == pytest.approx(2.5)
+    # K = 1 rows (evaluated, not trained): spreads, no comparison; paired_px there
+    assert rows[("uncond lcm K=4 +DDIL", 1)]["paired_px"]["mean"] == 0.5
+    assert "vs_baseline" not in rows[("uncond lcm K=4 +DDIL", 1)]
+    assert "shift_ratio" not in rows[("uncond lcm K=4 +DDIL", 1)]  # the shift and cost: the trained K
+    assert "vs_baseline" not in b_row
+    # teacher rows once per (lab, K, seed); the reference floor per lab
+    teacher = {(r["lab"], r["K"]): r for r in res["teacher"]}
+    assert teacher[("uncond", 64)]["fd"]["n"] == 4 and teacher[("uncond", 64)]["fd"]["mean"] == pytest.approx(2.5)
+    ref = res["teacher_ref"]["uncond"]
+    assert (ref["n"], ref["steps"], ref["floor_fd"]["n"]) == (16, 64, 4)  # seeds 0..3, first run each
+    assert ref["floor_fd"]["mean"] == pytest.approx(0.01)
+    assert res["fd_curves"]["uncond lcm K=4 +DDIL"][3] == [[10, 5.0], [20, 3.0]] or \
+        res["fd_curves"]["uncond lcm K=4 +DDIL"][3] == [(10, 5.0), (20, 3.0)]
+    assert res["covariate_shift"]["uncond lcm K=4 baseline"]["ratio"][3]["mean"] == pytest.approx(2.15)
+    assert len(res["missing"]) == 4 * 8 - 4 - 3 - 1 and ddil[2] in res["missing"]
 
     table = (out / "table.md").read_text()
     assert table.splitlines()[2].startswith("Command: `python bench/results.py --budget smoke")
-    assert "| lcm | baseline | 4 | 3 | 2 ± 1 [1, 3] |" in table
-    assert "| lcm | +DDIL | 4 | 3 | 0.2 ± 0.1 [0.1, 0.3] |" in table and "-1.8 (beyond spread)" in table
-    assert "| none | 64 | 3 |" in table and "+DDIL / baseline = 2.00" in table
-    assert json.loads((out / "results.json").read_text())["seeds"] == [0, 1, 2]
+    assert "### uncond lcm, K = 4" in table
+    assert "| baseline | 4 | 29.5 ± 47 [5, 100] |" in table
+    assert "| +DDIL | 3 | 3 ± 0 [3, 3] | 1 ± 0.1 [0.9, 1.1] | – | 1 ± 0 [1, 1] | 2.00 |" in table
+    assert "| +DDIL | -3 [-5.48, -0.516] (n = 3, MDD 3.1) **better** |" in table
+    assert "**no difference** | – | -1.13 [-1.51, -0.754] (n = 3, MDD 0.47) **lower** |" in table
+    assert "| +DDIL mixed | -1 (n = 1) |" in table
+    assert "| uncond | 16 | 64 | 0.01" in table
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["seeds"] == [0, 1, 2, 3] and saved["wall_s"] >= 0 and "runs_wall_s" in saved
 
-    # --check: a rerun of the same runs agrees with itself; a shifted committed row does not
+    # --check: the same runs agree with themselves; a shifted committed row does not
     committed = tmp_path / "committed.json"
     committed.write_text((out / "results.json").read_text())
-    res = R.main(["--budget", "smoke", "--seeds", "0", "1", "2", "--only", "lcm", "--runs-dir",
-                  str(runs_dir), "--out", str(out), "--no-run", "--check", str(committed)])
+    res = R.main(argv + ["--check", str(committed)])
     assert res["check"]["agree"] == res["check"]["compared"] > 0 and not res["check"]["outside"]
     old = json.loads(committed.read_text())
     for r in old["rows"]:
-        if (r["variant"], r["K"]) == ("+DDIL", 4):
-            r["fd"].update(min=0.5, max=0.6)  # the rerun's mean 0.2 is now outside
+        if (r["cell"], r["K"]) == ("uncond lcm K=4 +DDIL", 4):
+            r["fd"].update(min=4.5, max=4.6)  # the rerun's mean 3 is now outside
     committed.write_text(json.dumps(old))
-    res = R.main(["--budget", "smoke", "--seeds", "0", "1", "2", "--only", "lcm", "--runs-dir",
-                  str(runs_dir), "--out", str(out), "--no-run", "--check", str(committed)])
+    res = R.main(argv + ["--check", str(committed)])
+    assert res["check"]["outside"] == ["uncond lcm K=4 +DDIL K=4 fd: 3 outside [4.5, 4.6]"]
     assert res["check"]["agree"] == res["check"]["compared"] - 1
-    assert res["check"]["outside"] == ["lcm +DDIL K=4 fd: 0.2 outside [0.5, 0.6]"]
-    assert "check against" in capsys.readouterr().out
-
-    # a missing run is reported, and the rest still aggregated
-    os.remove(runs_dir / R.run_name("lcm", 4, R.DDIL["lcm"], "none", 2) / "metrics.json")
-    res = R.main(["--budget", "smoke", "--seeds", "0", "1", "2", "--only", "lcm", "--runs-dir",
-                  str(runs_dir), "--out", str(out), "--no-run"])
-    assert res["missing"] == [R.run_name("lcm", 4, R.DDIL["lcm"], "none", 2)]
-    assert {(r["variant"], r["K"]): r for r in res["rows"]}[("+DDIL", 4)]["fd"]["n"] == 2
 
 
 @pytest.mark.slow
-def test_smoke_run_end_to_end(tiny_teacher, tmp_path, capsys):
-    argv = ["--budget", "smoke", "--seeds", "0", "--only", "lcm", "--teacher", tiny_teacher,
+def test_smoke_two_runs_end_to_end(tiny_teacher, tmp_path, monkeypatch, capsys):
+    # the grid cut to two cells (baseline and DAgger's mixture at K = 2, LCM, uncond), one seed
+    monkeypatch.setattr(R, "STEPS", (2,))
+    monkeypatch.setattr(R, "VARIANTS", {v: R.VARIANTS[v] for v in ("baseline", "+DDIL mixed")})
+    argv = ["--budget", "smoke", "--seeds", "0", "--only", "lcm", "--lab", "uncond", "--teacher", tiny_teacher,
             "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "res")]
     res = R.main(argv)
     printed = capsys.readouterr().out
-    assert printed.startswith("command: python bench/results.py --budget smoke") and "[4/4]" in printed
+    assert printed.startswith("command: python bench/results.py --budget smoke") and "[2/2]" in printed
     assert not res["failed"] and not res["missing"]
     rows = {(r["variant"], r["K"]): r for r in res["rows"]}
-    assert set(rows) == {(v, k) for v in R.VARIANTS for k in (1, 2, 4)}
-    assert all(r["fd"]["n"] == 1 and math.isfinite(r["fd"]["mean"]) for r in rows.values())
-    # each variant ran with its own flags
-    for v, (which, bound) in R.VARIANTS.items():
-        betas = R.BASELINE["lcm"] if which == "baseline" else R.DDIL["lcm"]
-        cfg = json.loads((tmp_path / "runs" / R.run_name("lcm", 4, betas, bound, 0) / "config.json").read_text())
-        assert cfg["bound"] == bound and cfg["teacher"] == tiny_teacher
-        assert (cfg["beta_data"], cfg["beta_student"]) == ((1, 0) if which == "baseline" else (0.5, 0.5))
-    assert res["cost"]["lcm"]["it_per_s"]["+DDIL"]["n"] == 1
-    assert res["cost"]["lcm"]["time_to_baseline_fd"]["+DDIL / baseline"]["runs"] == 1  # the curves exist
-    assert len(res["covariate_shift"]["lcm"]["+DDIL"]["t"]) == 4
-    assert "| lcm | +DDIL+reflect | 4 | 1 |" in (tmp_path / "res" / "table.md").read_text()
+    assert set(rows) == {(v, k) for v in ("baseline", "+DDIL mixed") for k in (1, 2)}
+    r = rows[("+DDIL mixed", 2)]
+    assert math.isfinite(r["fd"]["mean"]) and math.isfinite(r["fd_teacher"]["mean"])
+    assert r["paired_px"] is None and rows[("+DDIL mixed", 1)]["paired_px"]["n"] == 1  # re-noising at K > 1
+    assert r["vs_baseline"]["fd"]["n"] == 1 and r["wall_s"]["n"] == 1 and r["cost_ratio"] > 0
+    assert res["teacher_ref"]["uncond"]["n"] == 16 and res["runs_wall_s"] > 0
+    cfg = json.loads((tmp_path / "runs" / "uncond-lcm-K2-b0.5_0_0.5-none-mix0.5-s0" / "config.json").read_text())
+    assert (cfg["rollout_teacher_p"], cfg["bound"], cfg["sample_bound"], cfg["teacher"]) == \
+        (0.5, "none", "clip", tiny_teacher)
+    assert len(res["fd_curves"]["uncond lcm K=2 baseline"][0]) > 0
     try:
         import matplotlib  # noqa: F401
-        for name in ("fd.png", "covariate_shift.png", "fd_curves.png"):
-            assert 0 < os.path.getsize(tmp_path / "res" / name) < 100_000
     except ImportError:
         pass
-    # a rerun resumes: nothing left to train
-    R.main(argv)
-    assert "4 runs, 4 already done, 0 to run" in capsys.readouterr().out
+    else:
+        for name in ("covariate_shift.png", "fd_curves.png"):
+            assert 0 < os.path.getsize(tmp_path / "res" / name) < 100_000
+    R.main(argv)  # a rerun resumes: nothing left to train
+    assert "2 runs, 2 already done, 0 to run" in capsys.readouterr().out
