@@ -100,7 +100,7 @@ class Config:
     refresh: int = 4               # fresh trajectories per rollout source at each refresh,
     refresh_every: int = 1         # ... every this many iterations
     reference_steps: int = 64      # the many-step teacher row beside G
-    ref_samples: int = 5000        # FD against this many teacher samples at reference_steps (0: off)
+    ref_samples: int = 2000        # FD against this many teacher samples at reference_steps (0: off)
     teacher_substeps: int = 8      # teacher DDIM steps per student step (rollouts, diagnostic labels)
     fake_updates: int = 5          # G steps once per this many mu_fake steps (two time-scale rule)
     gan_weight: float = 3e-3       # 0 turns the GAN off

@@ -83,7 +83,7 @@ class Config:
     eval_samples: int = 2000
     shift_samples: int = 1000     # states per sampling time in the covariate-shift diagnostic
     reference_steps: int = 64     # the many-step teacher row beside the student
-    ref_samples: int = 5000        # FD against this many teacher samples at reference_steps (0: off)
+    ref_samples: int = 2000        # FD against this many teacher samples at reference_steps (0: off)
     bf16: bool = True             # autocast on CUDA only
     compile: bool = False         # torch.compile the student's training forward (eager on failure)
     grad_accum: int = 1           # micro-batches per step (batch_size / grad_accum each; DDP no_sync)

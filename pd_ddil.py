@@ -61,7 +61,7 @@ class Config:
     guidance: float = 0.0          # classifier-free guidance of the first teacher (conditional only)
     teacher_steps: int = 64        # the first stage's teacher sampler
     reference_steps: int = 64      # the many-step teacher row beside the student
-    ref_samples: int = 5000        # FD against this many teacher samples at reference_steps (0: off)
+    ref_samples: int = 2000        # FD against this many teacher samples at reference_steps (0: off)
     steps: int = 4                 # K, the final student's sampler; teacher_steps / 2^stages
     iters_per_stage: int = 400
     iters: int = 0                 # stop after this many iterations in all (0 = every stage); rerun resumes
