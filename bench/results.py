@@ -1,4 +1,4 @@
-"""The DDIL benchmark on digits (issue 17): labs x methods x variants x K x seeds, resumable, with
+"""The DDIL benchmark on digits (issue 15): labs x methods x variants x K x seeds, resumable, with
 paired statistics against each baseline, aggregated into bench/results/.
 
     python bench/results.py                                   # --budget full: 260 runs, ~10 h (see BUDGET)
