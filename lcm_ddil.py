@@ -258,6 +258,7 @@ def main(argv=None):
     if guided and hasattr(teacher, "make_student"):
         H.fail(f"--teacher {cfg.teacher} (published) has no guidance-weight input for an LCM student: "
                f"pass --w-min 0 --w-max 0 (CD at its labels, unguided)")
+    torch.manual_seed(cfg.seed)  # the w embedding's random init: same seed, same run
     student = C.student_of(teacher, w_embed=guided)
     target = make_target(student, cfg.target_ema)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
