@@ -567,7 +567,7 @@ def check_out_dir(out):
         fail(f"--out {out!r} is not writable: pick another --out")
 
 
-def _atomic_write(path, write, what):
+def atomic_write(path, write, what):
     """write(fh) to a temporary file beside path, fsync, os.replace: a crash, a full disk or a
     lost permission never leaves a half-written file, and the previous one stays. An OSError
     removes the temporary file and stops with one line."""
@@ -593,7 +593,7 @@ _SAVED_STEPS = {}  # abspath -> the step this process last wrote there (no need 
 
 
 def save_checkpoint(path, state, per_rank=()):
-    """Write atomically (_atomic_write), and never a diverged state: a NaN or inf in any floating
+    """Write atomically (atomic_write), and never a diverged state: a NaN or inf in any floating
     tensor, on any rank, stops every rank with one line that names it and the last good
     checkpoint, which stays.
 
@@ -615,10 +615,10 @@ def save_checkpoint(path, state, per_rank=()):
         fail(f"not writing {path}: {bad} holds NaN or inf{at}; {last_checkpoint(path)}: "
              f"lower --lr and rerun{resume}")
     if rank > 0 and per_rank:
-        _atomic_write(f"{path}.rank{rank}.step{step}", lambda fh: torch.save(mine, fh), "checkpoint")
+        atomic_write(f"{path}.rank{rank}.step{step}", lambda fh: torch.save(mine, fh), "checkpoint")
     barrier()
     if rank == 0:
-        _atomic_write(path, lambda fh: torch.save(state, fh), "checkpoint")
+        atomic_write(path, lambda fh: torch.save(state, fh), "checkpoint")
         if step is not None:
             _SAVED_STEPS[os.path.abspath(path)] = step
     barrier()
@@ -771,7 +771,7 @@ class Logger:
                             continue
                         if isinstance(rec, dict) and rec.get("step", 0) <= initial:
                             keep.append(ln.rstrip("\n") + "\n")
-                _atomic_write(self.path, lambda fh: fh.write("".join(keep).encode()), "log")
+                atomic_write(self.path, lambda fh: fh.write("".join(keep).encode()), "log")
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
                             disable=None, mininterval=1.0)
 
@@ -796,7 +796,7 @@ class Logger:
 
 
 def save_grid(x, path, nrow=None):
-    """Save images in [-1, 1] as one PNG grid (atomically, see _atomic_write)."""
+    """Save images in [-1, 1] as one PNG grid (atomically, see atomic_write)."""
     import torchvision
     if not is_main():
         return
@@ -804,13 +804,13 @@ def save_grid(x, path, nrow=None):
     if x.shape[-1] < 32:  # small images (digits 8x8): upscale so the grid can be looked at
         x = F.interpolate(x, scale_factor=32 // x.shape[-1], mode="nearest")
     nrow = nrow or int(math.ceil(math.sqrt(len(x))))
-    _atomic_write(path, lambda fh: torchvision.utils.save_image(x, fh, format="png", nrow=nrow, padding=2),
+    atomic_write(path, lambda fh: torchvision.utils.save_image(x, fh, format="png", nrow=nrow, padding=2),
                   "image")
 
 
 def write_json(obj, path):
     if is_main():
-        _atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=2).encode()), "file")
+        atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=2).encode()), "file")
 
 
 # ----------------------------------------------------------------------------------------------

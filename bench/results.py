@@ -3,6 +3,7 @@ paired statistics against each baseline, aggregated into bench/results/.
 
     python bench/results.py                                   # --budget full: 260 runs, ~10 h (see BUDGET)
     python bench/results.py --lab uncond --seeds 0 1          # a part of it; rerun to resume
+    python bench/results.py --lab cond --ks 4 --variants baseline,+DDIL   # the core comparison first
     python bench/results.py --budget smoke --seeds 0 --only lcm --lab uncond --out /tmp/r  # the plumbing
     python bench/results.py --no-run                          # re-aggregate the runs already there
 
@@ -83,6 +84,8 @@ class Config:
     runs_dir: str = ""             # the runs' --out folders; "" = bench/out/<budget>
     only: str = "pd,lcm,dmd2"      # comma-separated subset of methods
     lab: str = "uncond,cond"       # comma-separated subset of labs
+    variants: str = ""             # comma-separated subset of variants ("" = all of them)
+    ks: str = ""                   # comma-separated subset of K ("" = all: 1, 2, 4)
     jobs: int = 1                  # runs at once (> 1 shares the CPU: it/s are then not comparable)
     teacher: str = ""              # the uncond lab's teacher ("" = the scripts' default)
     teacher_cond: str = ""         # the cond lab's teacher ("" = runs/teacher-digits-cond, on demand)
@@ -159,6 +162,10 @@ def plan(cfg):
     """(cells, runs): cells {label: {lab, method, variant, steps, betas, bound, p, runs: {seed: name}}},
     runs {name: (lab, method, steps, betas, bound, p, seed)} in execution order (seed-major)."""
     methods, labs = subset(cfg.only, SCRIPTS, "--only"), subset(cfg.lab, LABS, "--lab")
+    all_variants = list(dict.fromkeys([*VARIANTS, *(v for e in EXTRA.values() for v in e)]))
+    variants = subset(cfg.variants or ",".join(all_variants), all_variants, "--variants")
+    all_ks = sorted({*STEPS, *(k for _, k in EXTRA)})
+    ks = [int(k) for k in subset(cfg.ks or ",".join(map(str, all_ks)), list(map(str, all_ks)), "--ks")]
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
         H.fail(f"--seeds {cfg.seeds}: give distinct seeds, e.g. --seeds 0 1 2 3 4")
     if cfg.jobs <= 0:
@@ -167,8 +174,10 @@ def plan(cfg):
     for lab in labs:
         for method in methods:
             grid = [(k, VARIANTS) for k in STEPS] + [(k, v) for (m, k), v in EXTRA.items() if m == method]
-            for steps, variants in sorted(grid, key=lambda kv: kv[0]):
-                for variant, (which, bound, p) in variants.items():
+            for steps, table in sorted(grid, key=lambda kv: kv[0]):
+                for variant, (which, bound, p) in table.items():
+                    if steps not in ks or variant not in variants:
+                        continue
                     betas = BASELINE[method] if which == "baseline" else DDIL
                     cells[f"{lab} {method} K={steps} {variant}"] = dict(
                         lab=lab, method=method, variant=variant, steps=steps, betas=list(betas), bound=bound,

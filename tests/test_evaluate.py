@@ -330,3 +330,22 @@ def test_checkpoint_w_protocol():
     assert E.checkpoint_w(teacher, {"w": 2.0}, None) == (2.0, 0.0)
     with pytest.raises(SystemExit, match="distilled at guidance weight w = 2"):
         E.checkpoint_w(teacher, {"w": 2.0}, 1.0)
+
+
+def test_teacher_samples_are_cached_by_weights_and_protocol(tmp_path, monkeypatch):
+    net, cache = C.build_unet("digits", num_classes=10), str(tmp_path)
+    x = E.teacher_samples(net, 2, 12, w=1.0, seed=5, cache_dir=cache)
+    assert torch.equal(x, E.sample(net, "ddim", 2, 12, seed=5, w=1.0))  # the same as sampling
+    real_sample = E.sample
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled although cached")
+    monkeypatch.setattr(E, "sample", no_sampling)  # a second call reads the disk
+    assert torch.equal(E.teacher_samples(net, 2, 12, w=1.0, seed=5, cache_dir=cache), x)
+    monkeypatch.setattr(E, "sample", real_sample)
+    with torch.no_grad():  # another w, count or weights: another entry
+        E.teacher_samples(net, 2, 12, w=2.0, seed=5, cache_dir=cache)
+        E.teacher_samples(net, 2, 13, w=1.0, seed=5, cache_dir=cache)
+        list(net.parameters())[-1].add_(0.5)  # the output bias (the last layer starts at zero)
+        other = E.teacher_samples(net, 2, 12, w=1.0, seed=5, cache_dir=cache)
+    assert len(list(tmp_path.glob("teacher-samples-*.pt"))) == 4 and not torch.equal(other, x)
