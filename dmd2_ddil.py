@@ -68,6 +68,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common as C
 import harness as H
+import published as P
 from teacher import load_teacher
 
 
@@ -84,6 +85,9 @@ class Config:
     ckpt_every: int = 500
     log_every: int = 25
     teacher: str = ""              # "" = runs/teacher-<dataset>[-cond]/ckpt.pt (trained first if missing)
+    edm_repo: str = ""             # your NVlabs EDM checkout, for --teacher edm-pkl:<.pkl>
+    student_head: str = "copy"     # copy: the teacher's output; v: a published eps head re-read as v
+    head_warmup: int = 200         # (student_head v) iterations fitting the v head to the teacher first
     cond: bool = False             # the default teacher is the class-conditional one
     steps: int = 4                 # K, G's sampling steps
     beta_data: float = 0.0         # measured best on digits: DMD2's own inputs + reflect
@@ -113,7 +117,7 @@ class Config:
     shift_samples: int = 256       # states per grid time in the covariate-shift diagnostic
     bf16: bool = True              # autocast on CUDA only (DMD2: bf16 needed, fp16 diverged)
     compile: bool = False          # torch.compile G's and mu_fake's training forwards (eager on failure)
-    CHOICES = {"bound": C.BOUNDS, "sample_bound": C.BOUNDS}  # not a field: argparse choices
+    CHOICES = {"student_head": ("copy", "v"), "bound": C.BOUNDS, "sample_bound": C.BOUNDS}  # argparse choices
 
 
 PRESETS = {  # per-process batch for 8 GPUs; DMD2's ImageNet-64 recipe: lr 2e-6 for G and mu_fake, 5 mu_fake
@@ -297,11 +301,14 @@ def main(argv=None):
     cfg = H.parse_config(Config, argv, PRESETS)
     betas = check(cfg)
     rank, world, device, data = H.setup(cfg, "dmd2_ddil")
-    T, _ = load_teacher(cfg.teacher, cfg.dataset, device, cfg.cond)
+    T, _ = load_teacher(cfg.teacher, cfg.dataset, device, cfg.cond, cfg.edm_repo)
     nc, K, B = T.num_classes, cfg.steps, cfg.batch_size
     cfg.guidance = cfg.guidance if nc else 0.0
 
-    G = C.student_of(T)  # G and mu_fake copy the teacher, without dropout
+    G = C.student_of(T, cfg.student_head)  # G and mu_fake copy the teacher, without dropout
+    ckpt_path = os.path.join(cfg.out, "ckpt.pt")
+    if cfg.student_head != "copy" and not os.path.isfile(ckpt_path):  # a resume loads the fitted head
+        P.warm_up_head(G, T, data, cfg.head_warmup, cfg.batch_size, cfg.lr, cfg.seed)
     fake = copy.deepcopy(G)
     torch.manual_seed(cfg.seed)  # the head's random init: same seed, same run
     head = gan_head(T.mid_ch).to(device)
@@ -314,7 +321,6 @@ def main(argv=None):
     per_update = cfg.refresh * K * cfg.fake_updates * cfg.sim_staleness // cfg.refresh_every
     buffers = {"teacher": C.MixingBuffer(cfg.buffer_size),
                "student": C.MixingBuffer(min(cfg.buffer_size, max(1, per_update)))}
-    ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     ck, step, train_time = H.resume(ckpt_path, device, G.config, {
         "net": G, "fake": fake, "head": head, "opt_g": opt_g, "opt_f": opt_f, "buffers": buffers})
     if ck is not None and ck["steps"] != K:

@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common as C
 import harness as H
+import published as P
 from teacher import load_teacher
 
 
@@ -52,6 +53,9 @@ class Config:
     data_dir: str = "data"
     out: str = ""                 # default runs/lcm_ddil-<dataset>[-cond]
     teacher: str = ""             # default runs/teacher-<dataset>[-cond]/ckpt.pt (trained when missing)
+    edm_repo: str = ""            # your NVlabs EDM checkout, for --teacher edm-pkl:<.pkl>
+    student_head: str = "copy"    # copy: the teacher's output; v: a published eps head re-read as v
+    head_warmup: int = 200        # (student_head v) iterations fitting the v head to the teacher first
     cond: bool = False            # the default teacher is the class-conditional one
     iters: int = 800
     batch_size: int = 128         # per process
@@ -88,7 +92,7 @@ class Config:
     compile: bool = False         # torch.compile the student's training forward (eager on failure)
     grad_accum: int = 1           # micro-batches per step (batch_size / grad_accum each; DDP no_sync)
 
-    CHOICES = {"bound": C.BOUNDS, "sample_bound": C.BOUNDS, "loss": ("l2", "huber")}
+    CHOICES = {"student_head": ("copy", "v"), "bound": C.BOUNDS, "sample_bound": C.BOUNDS, "loss": ("l2", "huber")}
 
 
 PRESETS = {  # CD's published recipes (Song et al. 2023, Table 3); batch_size per process for 8 GPUs
@@ -250,7 +254,7 @@ def main(argv=None):
     cfg = H.parse_config(Config, argv, PRESETS)
     betas = check(cfg)
     rank, world, device, data = H.setup(cfg, "lcm_ddil")
-    teacher, _ = load_teacher(cfg.teacher, cfg.dataset, device, cfg.cond)
+    teacher, _ = load_teacher(cfg.teacher, cfg.dataset, device, cfg.cond, cfg.edm_repo)
     K, N, nc = cfg.steps, cfg.grid, teacher.num_classes
     guided = nc > 0 and cfg.w_max > 0  # a w-conditioned student distils the guided teacher
     w_eval = 0.5 * (cfg.w_min + cfg.w_max) if guided else 0.0
@@ -259,11 +263,13 @@ def main(argv=None):
         H.fail(f"--teacher {cfg.teacher} (published) has no guidance-weight input for an LCM student: "
                f"pass --w-min 0 --w-max 0 (CD at its labels, unguided)")
     torch.manual_seed(cfg.seed)  # the w embedding's random init: same seed, same run
-    student = C.student_of(teacher, w_embed=guided)
+    student = C.student_of(teacher, cfg.student_head, w_embed=guided)
+    ckpt_path = os.path.join(cfg.out, "ckpt.pt")
+    if cfg.student_head != "copy" and not os.path.isfile(ckpt_path):  # a resume loads the fitted head
+        P.warm_up_head(student, teacher, data, cfg.head_warmup, cfg.batch_size, cfg.lr, cfg.seed)
     target = make_target(student, cfg.target_ema)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     buffers = {"teacher": C.MixingBuffer(cfg.buffer_size), "student": C.MixingBuffer(cfg.buffer_size)}
-    ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     ck, step, train_time = H.resume(ckpt_path, device, student.config, {
         "net": student, "target": target if target is not student else None, "opt": opt, "buffers": buffers})
     shape = (teacher.config["in_ch"], teacher.config["resolution"], teacher.config["resolution"])

@@ -48,6 +48,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common as C
 import harness as H
+import published as P
 from teacher import load_teacher
 
 
@@ -57,6 +58,9 @@ class Config:
     data_dir: str = "data"
     out: str = ""                  # default runs/pd_ddil-<dataset>[-cond]
     teacher: str = ""              # "" = runs/teacher-<dataset>[-cond]/ckpt.pt (trained first if missing)
+    edm_repo: str = ""             # your NVlabs EDM checkout, for --teacher edm-pkl:<.pkl>
+    student_head: str = "copy"     # copy: the teacher's output; v: a published eps head re-read as v
+    head_warmup: int = 200         # (student_head v) iterations fitting the v head to the teacher first
     cond: bool = False             # the default teacher is the class-conditional one
     guidance: float = 0.0          # classifier-free guidance of the first teacher (conditional only)
     teacher_steps: int = 64        # the first stage's teacher sampler
@@ -91,7 +95,7 @@ class Config:
     compile: bool = False          # torch.compile the student's training forward (eager on failure)
     grad_accum: int = 1            # micro-batches per step (batch_size / grad_accum each; DDP no_sync)
 
-    CHOICES = {"bound": C.BOUNDS, "sample_bound": C.BOUNDS, "dataset": tuple(H.DATASETS)}
+    CHOICES = {"student_head": ("copy", "v"), "bound": C.BOUNDS, "sample_bound": C.BOUNDS, "dataset": tuple(H.DATASETS)}
 
 
 PRESETS = {  # per-process batch for 8 GPUs: 8 x 16 = 128, the published CIFAR-10 batch; on one GPU
@@ -225,12 +229,14 @@ def main(argv=None):
     cfg = H.parse_config(Config, argv, PRESETS)
     stages, betas = check(cfg)
     rank, world, device, data = H.setup(cfg, "pd_ddil")
-    teacher0, _ = load_teacher(cfg.teacher, cfg.dataset, device, cfg.cond)
+    teacher0, _ = load_teacher(cfg.teacher, cfg.dataset, device, cfg.cond, cfg.edm_repo)
     nc = teacher0.num_classes
     w_guide = cfg.guidance if nc else 0.0  # the first teacher's guidance; later stages are plain
 
-    student = C.student_of(teacher0)  # the student starts as a copy of the teacher, no dropout
+    student = C.student_of(teacher0, cfg.student_head)  # a copy of the teacher, no dropout
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
+    if cfg.student_head != "copy" and not os.path.isfile(ckpt_path):  # a resume loads the fitted head
+        P.warm_up_head(student, teacher0, data, cfg.head_warmup, cfg.batch_size, cfg.lr, cfg.seed)
     ck, step, train_time = H.resume(ckpt_path, device, student.config, {"net": student})
     if ck is not None:
         check_same_schedule(ck, cfg, ckpt_path)

@@ -40,6 +40,7 @@ import common as C
 import harness as H
 
 PREFIXES = ("diffusers", "edm-adm", "edm-pkl")
+HEADS = ("copy", "v")  # a student's output: the teacher's own, or an eps head re-read as v
 
 
 def _need_diffusers():
@@ -842,14 +843,21 @@ def build_from_config(config):
            f"{cfg.get('backbone')!r} from its config")
 
 
-def student_copy(teacher, clip_x0=False):
+def student_copy(teacher, clip_x0=False, head="copy"):
     """A trainable copy of a wrapped teacher: same backbone and output parameterisation, dropout
     off, train mode. For an eps-prediction DiffusersTeacher the x0 clamp below logSNR 0 is dropped
     by default (clip_x0=False): a clamp passes no gradient where it is active. At t = 1 the copy
     then outputs v = (alpha z - x0) / sigma with x0 = (z - s' eps) / a' taken at the teacher's
     clamped level (a' = alpha at its lowest logSNR), so its error amplification is 1/a'_min, not
     1/alpha(1). v-prediction and EDM copies need no change (their maps have no division by a small
-    number). Guidance-weight inputs (w_embed, LCM) are not available for wrapped networks."""
+    number). Guidance-weight inputs (w_embed, LCM) are not available for wrapped networks.
+
+    head="v" (an eps-prediction DiffusersTeacher only): the copy's output is read as v on the
+    teacher's level, x0 = a' z - s' v', eps = s' z + a' v', with no division anywhere, so x0 at
+    t = 1 is an output, not (z - s' eps) / a'. Its weights still predict eps: warm_up_head regresses
+    it onto the teacher's v before distillation (PD's reason for its x0 / "both" heads)."""
+    if head not in HEADS:
+        raise ValueError(f"student head {head!r}: one of {', '.join(HEADS)}")
     if getattr(teacher, "_hook", None) is not None:
         teacher._hook.out = None  # the last forward's features: a graph tensor deepcopy refuses
     student = copy.deepcopy(teacher)
@@ -859,14 +867,46 @@ def student_copy(teacher, clip_x0=False):
     if isinstance(student, DiffusersTeacher):
         student.clip_x0 = clip_x0
         student.config["clip_x0"] = clip_x0
+    if head == "v":
+        if not isinstance(student, DiffusersTeacher) or student.prediction_type != "epsilon":
+            H.fail("--student-head v re-reads an eps-prediction diffusers teacher's output as v; "
+                   "this teacher's student already predicts a bounded output: use --student-head copy")
+        student.prediction_type = student.config["prediction_type"] = "v_prediction"
     # deepcopy copies the feature hook together with its module (one memo): the copy's hook
     # records the copy's mid block
     return student.train().requires_grad_(True)
 
 
-def _make_student(self):
-    """common.student_of's hook for wrapped networks: student_copy(self)."""
-    return student_copy(self)
+def warm_up_head(student, teacher, data, iters, batch_size, lr, seed=0):
+    """Fit a re-read head (student_copy(head="v")) to the teacher before distillation:
+    min E ||v_student(z_t, t, y) - v_teacher(z_t, t, y)||^2 over data z_t = alpha x0 + sigma eps,
+    t ~ U[0, 1], Adam at lr, `iters` steps. The same batches and noise on every rank (world size 1
+    batches, seeded per step), so DDP ranks start from the same student. Returns the last loss."""
+    device = next(student.parameters()).device
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    batches, loss = H.Batches(data, batch_size, seed, device=device), torch.tensor(float("nan"))
+    for step in range(iters):
+        H.step_seed(seed, 0, 1_000_000 + step)  # not the distillation's (seed, rank, step) stream
+        x0, y = batches.get(step)
+        t = torch.rand(x0.shape[0], device=device)
+        z = C.diffuse(x0, t)
+        y = y if teacher.num_classes else None
+        with torch.no_grad():
+            v = teacher(z, t, y)
+        loss = (student(z, t, y) - v).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    student._hook.out = None  # the last forward's features hold a graph: copies of the student refuse it
+    loss = loss.item()
+    if H.is_main():
+        print(f"student head v: fitted to the teacher for {iters} iterations, loss {loss:.3g}", flush=True)
+    return loss
+
+
+def _make_student(self, head="copy"):
+    """common.student_of's hook for wrapped networks: student_copy(self, head=head)."""
+    return student_copy(self, head=head)
 
 
 DiffusersTeacher.make_student = _make_student

@@ -152,15 +152,16 @@ def main(argv=None):
     return ema
 
 
-def load_teacher(path, dataset, device="cpu", cond=False):
+def load_teacher(path, dataset, device="cpu", cond=False, edm_repo=""):
     """The teacher's EMA network (eval mode, frozen) and its saved config dict, for the method
     scripts. With no path, runs/teacher-<dataset>[-cond]/ckpt.pt; when that is missing, this
     file trains it first (saying so), so a method script runs end to end on a fresh machine.
     A published teacher (`diffusers:<folder or hub id>`, `edm-adm:<.pt>`, `edm-pkl:<.pkl>`) is
-    wrapped to the same interface by published.py."""
+    wrapped to the same interface by published.py (`edm-pkl:` builds NVlabs' network with the
+    user's own EDM checkout, edm_repo)."""
     import published
     if published.is_published_spec(path):  # diffusers:..., edm-adm:..., edm-pkl:...
-        model = published.load_published_teacher(path, device)
+        model = published.load_published_teacher(path, device, edm_repo or None)
         ch, res, _ = H.DATASETS[dataset]
         if (model.config["in_ch"], model.config["resolution"]) != (ch, res):
             H.fail(f"--teacher {path} makes {model.config['in_ch']}x{model.config['resolution']}^2 "

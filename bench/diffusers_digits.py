@@ -9,7 +9,9 @@ saved as a diffusers pipeline folder, then distilled by each method through
 
 Resumable: the teacher folder and every run's metrics.json are kept and skipped when present.
 Writes <out>/table.md: FD (1000 samples, sampling bound clip) of each student at K = 4 and of each
-teacher's DDIM at 4 and 64 steps.
+teacher's DDIM at 4 and 64 steps. The DDPM teacher is distilled twice per method: the student a copy
+of its eps head (`--student-head copy`: x0 at t = 1 through (z - s' eps) / a', a gain of 1/a' = 156)
+and the head re-read as v and fitted to the teacher first (`--student-head v`, 300 iterations).
 """
 import argparse
 import copy
@@ -28,10 +30,11 @@ SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_
 BUDGETS = {
     "full": {"pd": ["--iters-per-stage", "150"], "lcm": ["--iters", "500"],
              "dmd2": ["--iters", "300", "--batch-size", "32", "--teacher-substeps", "4"],
-             "all": ["--eval-samples", "1000", "--ref-samples", "0"]},
+             "all": ["--eval-samples", "1000", "--ref-samples", "0"], "warmup": "300"},
     "smoke": {"pd": ["--teacher-steps", "8", "--iters-per-stage", "2"], "lcm": ["--iters", "2", "--reference-steps", "8"],
               "dmd2": ["--iters", "2", "--teacher-substeps", "2", "--reference-steps", "8"],
-              "all": ["--eval-samples", "50", "--ref-samples", "0", "--batch-size", "8", "--shift-samples", "8"]},
+              "all": ["--eval-samples", "50", "--ref-samples", "0", "--batch-size", "8", "--shift-samples", "8"],
+              "warmup": "2"},
 }
 
 
@@ -82,22 +85,28 @@ def main():
     if not os.path.isfile(os.path.join(teacher_dir, "scheduler", "scheduler_config.json")):
         train_ddpm(teacher_dir, args.iters)
     budget, rows = BUDGETS[args.budget], []
-    for teacher_name, spec in (("diffusers DDPM", f"diffusers:{teacher_dir}"), ("ours", "")):
+    # the DDPM teacher's students with both heads (published.student_copy), then our own teacher's
+    for teacher_name, spec, head in (("diffusers DDPM", f"diffusers:{teacher_dir}", "copy"),
+                                     ("diffusers DDPM", f"diffusers:{teacher_dir}", "v"), ("ours", "", "copy")):
         for method in ("pd", "lcm", "dmd2"):
-            out = os.path.join(args.out, f"{method}-{'ddpm' if spec else 'ours'}")
+            out = os.path.join(args.out, f"{method}-{'ddpm' if spec else 'ours'}" + ("-v" if head == "v" else ""))
             cmd = [sys.executable, f"{method}_ddil.py", "--out", out, *budget[method], *budget["all"]]
             cmd += ["--teacher", spec] if spec else []
+            cmd += ["--student-head", "v", "--head-warmup", budget["warmup"]] if head == "v" else []
             if not os.path.isfile(os.path.join(out, "metrics.json")):
                 print("+ " + " ".join(cmd[1:]), flush=True)
                 subprocess.run(cmd, cwd=ROOT, check=True)
             m = json.load(open(os.path.join(out, "metrics.json")))
             K = str(m["config"]["steps"])
             ref = max(m["teacher"], key=int)
-            rows.append(f"| {teacher_name} | {method} | {m['student'][K]['fd']:.3f} | "
-                        f"{m['teacher'][K]['fd']:.3f} | {m['teacher'][ref]['fd']:.3f} |")
-    table = ("| teacher | method | student FD, K = 4 | teacher DDIM, 4 steps | teacher DDIM, many steps |\n"
-             "|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
-    open(os.path.join(args.out, "table.md"), "w").write(table)
+            px = m["student"][K].get("paired_px")
+            rows.append(f"| {teacher_name} | {head} | {method} | {m['student'][K]['fd']:.3f} | "
+                        f"{'-' if px is None else f'{px:.4f}'} | {m['teacher'][K]['fd']:.3f} | "
+                        f"{m['teacher'][ref]['fd']:.3f} |")
+    table = ("| teacher | student head | method | student FD, K = 4 | paired px error | teacher DDIM, 4 steps "
+             "| teacher DDIM, many steps |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    with open(os.path.join(args.out, "table.md"), "w") as fh:
+        fh.write(f"command: python bench/diffusers_digits.py {' '.join(sys.argv[1:])}\n\n" + table)
     print(table)
 
 

@@ -224,10 +224,13 @@ def test_ramped_betas_and_shared_ddil_flags():
         b = C.ramped_betas((0.25, 0.25, 0.5), frac, 0.4)
         assert sum(b) == pytest.approx(1.0) and b[1] == 0.25
     cfg = types.SimpleNamespace(beta_data=1.0, beta_teacher=0.0, beta_student=1.0, beta_ramp=0.5,
-                                eval_every=0, eval_every_samples=250)
+                                eval_every=0, eval_every_samples=250, student_head="copy", head_warmup=200,
+                                teacher="")
     assert H.check_ddil(cfg) == (0.5, 0.0, 0.5)
+    assert H.check_ddil(types.SimpleNamespace(**{**vars(cfg), "student_head": "v", "teacher": "diffusers:x"}))
     for field, bad, msg in (("beta_ramp", 1.5, "--beta-ramp"), ("eval_every", -1, "--eval-every"),
-                            ("eval_every_samples", 0, "--eval-every-samples")):
+                            ("eval_every_samples", 0, "--eval-every-samples"), ("head_warmup", -1, "--head-warmup"),
+                            ("student_head", "v", "--student-head v re-reads a published eps")):
         with pytest.raises(SystemExit, match=msg):
             H.check_ddil(types.SimpleNamespace(**{**vars(cfg), field: bad}))
 

@@ -295,6 +295,58 @@ def test_build_from_config_and_student_copy():
     assert all(p.grad is None for p in teacher.parameters())
 
 
+class FixedOutput(nn.Module):
+    """Stands in for a UNet2DModel: returns one learnable tensor, so d(output)/d(x0) is readable."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.o = nn.Parameter(torch.randn(shape))
+
+    def forward(self, x, k, class_labels=None):
+        return self.o
+
+
+@pytest.mark.parametrize("head, most", [("copy", 150.0), ("v", 1.0)])
+def test_student_head_v_has_no_division_at_t1(head, most):
+    """The copied eps head reaches x0 at t = 1 only through (z - s' eps) / a' (1 / a' = 156 for
+    linear betas); the head re-read as v gives x0 = a' z - s' v' (|dx0 / dout| <= 1)."""
+    teacher = P.DiffusersTeacher(FixedOutput((2, 1, 8, 8)), {**SCHEDS["linear"], "prediction_type": "epsilon"})
+    student = P.student_copy(teacher, head=head)
+    z, t = torch.randn(2, 1, 8, 8), torch.ones(2)
+    a, s = (C.bcast(c, z) for c in C.alpha_sigma(t))
+    C.x0_from_v(z, student(z, t), a, s).sum().backward()
+    gain = student.unet.o.grad.abs().max().item()
+    assert (gain > most) if head == "copy" else (gain <= most)
+    # inside the teacher's range the re-read head outputs the network's output itself: v = v'
+    t = torch.full((2,), 0.5)
+    if head == "v":
+        assert student.config["prediction_type"] == "v_prediction" and teacher.prediction_type == "epsilon"
+        torch.testing.assert_close(student(z, t), student.unet.o.detach().expand_as(z), atol=1e-5, rtol=1e-5)
+
+
+def test_warm_up_head_fits_the_teacher():
+    teacher = P.DiffusersTeacher(tiny_unet(seed=2), {**SCHEDS["linear"], "prediction_type": "epsilon"}).eval()
+    student = P.student_copy(teacher, head="v")
+    torch.manual_seed(0)
+    x0 = torch.rand(256, 1, 8, 8) * 2 - 1
+    t = torch.rand(256)
+    z = C.diffuse(x0, t)
+
+    def gap():
+        with torch.no_grad():
+            return (student(z, t) - teacher(z, t)).square().mean().item()
+    before = gap()
+    data = ((x0 * 127.5 + 127.5).round().to(torch.uint8), torch.zeros(256, dtype=torch.long))
+    twin = P.student_copy(teacher, head="v")
+    P.warm_up_head(student, teacher, data, 50, 64, 2e-3, seed=0)
+    assert gap() < 0.7 * before  # a random tiny teacher: 0.55 after 50 iterations
+    P.warm_up_head(twin, teacher, data, 50, 64, 2e-3, seed=0)  # every rank fits the same head
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), twin.state_dict().values()))
+    with pytest.raises(SystemExit, match="student-head copy"):  # a v teacher needs no new head
+        P.student_copy(P.DiffusersTeacher(tiny_unet(), {**SCHEDS["linear"], "prediction_type": "v_prediction"}),
+                       head="v")
+
+
 # ----------------------------------------------------------------------------------------------
 # ADM <-> diffusers key map
 # ----------------------------------------------------------------------------------------------
@@ -547,13 +599,21 @@ def test_edm_pkl_with_user_checkout(tmp_path):
         assert teacher.config["in_ch"] == 1 and teacher.config["c_noise"] == "edm"
         v = teacher(torch.randn(2, 1, 4, 4), torch.tensor([0.0, 1.0]))
         assert torch.isfinite(v).all()
+        # the scripts pass --edm-repo through: here the 4x4 network meets the 8x8 digits
+        import pd_ddil
+        with pytest.raises(SystemExit, match="makes 1x4"):
+            pd_ddil.main(["--teacher", f"edm-pkl:{path}", "--edm-repo", str(repo), "--out", str(tmp_path / "pd")])
+        with pytest.raises(SystemExit, match="your own EDM checkout"):
+            pd_ddil.main(["--teacher", f"edm-pkl:{path}", "--out", str(tmp_path / "pd")])
+        assert not sentinel.exists()
     finally:
         for k in [k for k in sys.modules if k == "training" or k.startswith("training.")]:
             sys.modules.pop(k)
 
 
-@pytest.mark.parametrize("method", ["pd", "lcm", "dmd2"])
-def test_each_method_distils_a_diffusers_teacher_end_to_end(method, tmp_path):
+@pytest.mark.parametrize("method, head", [("pd", "copy"), ("lcm", "copy"), ("dmd2", "copy"), ("pd", "v"),
+                                          ("lcm", "v"), ("dmd2", "v")])
+def test_each_method_distils_a_diffusers_teacher_end_to_end(method, head, tmp_path):
     """--teacher diffusers:<folder>: the student is a copy of the wrapped UNet2DModel, trained,
     checkpointed, and sampled again through evaluate.py from the checkpoint alone."""
     import json
@@ -570,7 +630,7 @@ def test_each_method_distils_a_diffusers_teacher_end_to_end(method, tmp_path):
     common = ["--teacher", f"diffusers:{tmp_path / 'teacher'}", "--out", str(out), "--batch-size", "4",
               "--eval-samples", "12", "--shift-samples", "4", "--buffer-size", "16", "--refresh", "2",
               "--log-every", "1", "--beta-data", "0.5", "--beta-student", "0.5", "--reference-steps", "4",
-              "--ref-samples", "12"]
+              "--ref-samples", "12", "--student-head", head, "--head-warmup", "2"]
     main, extra = {"pd": (pd_ddil.main, ["--teacher-steps", "4", "--steps", "2", "--iters-per-stage", "2",
                                          "--stage-eval-samples", "8"]),
                    "lcm": (lcm_ddil.main, ["--iters", "2", "--steps", "2", "--grid", "4", "--refresh-every", "1"]),
@@ -578,6 +638,7 @@ def test_each_method_distils_a_diffusers_teacher_end_to_end(method, tmp_path):
                                              "--fake-updates", "1"])}[method]
     student = main(common + extra)
     assert isinstance(student, P.DiffusersTeacher) and student.clip_x0 is False
+    assert student.prediction_type == {"copy": "epsilon", "v": "v_prediction"}[head]
     m = json.loads((out / "metrics.json").read_text())
     res = evaluate.main([str(out / "ckpt.pt"), "--steps", "2", "--num-samples", "12", "--out", str(tmp_path / "ev")])
     assert all(m["student"]["2"][k] == v for k, v in res["rows"]["2"].items())  # rebuilt from its config
