@@ -421,14 +421,11 @@ def teacher_reference(teacher, n, steps, w=0.0, dataset="digits", bound="clip", 
     return ref
 
 
-def paired_distance(a, b, extract=None):
+def paired_distance(a, b, fa=None, fb=None):
     """Two sample sets drawn from the same noise and labels: the mean squared pixel difference
-    per sample, and (with a feature extractor) the mean squared feature difference per dimension."""
+    per sample, and (given their features fa, fb) the mean squared feature difference per dimension."""
     px = float((a.float() - b.float()).square().flatten(1).mean(1).mean())
-    if extract is None:
-        return {"paired_px": px, "paired_feat": None}
-    fa, fb = extract(to_uint8(a))[0], extract(to_uint8(b))[0]
-    return {"paired_px": px, "paired_feat": float((fa - fb).square().mean(1).mean())}
+    return {"paired_px": px, "paired_feat": None if fa is None else float((fa - fb).square().mean(1).mean())}
 
 
 def final_evaluation(out, student, kind, student_ks, teacher, teacher_ks, num_samples, error_fn,
@@ -461,14 +458,16 @@ def final_evaluation(out, student, kind, student_ks, teacher, teacher_ks, num_sa
     extract = (feature_extractor(dataset, protocol.get("device", "cpu"), data_dir=protocol.get("data_dir", "data"))
                if ref is not None or dataset == "digits" else None)
     x_ref = teachers[ref_steps][1]
+    features = (lambda x: extract(to_uint8(x))[0]) if extract else (lambda x: None)
+    f_ref = features(x_ref)
     for rows, kinds in ((students, kind), (teachers, "ddim")):
         for k, (m, x) in rows.items():
+            fx = features(x)  # once per row: FD against the reference and the paired distance
             if ref is not None:
-                fx = extract(to_uint8(x))[0]
                 m["fd_teacher"] = frechet_distance(ref["features"], fx)
                 m["kid_teacher"] = kid(ref["features"], fx)
             deterministic = kinds == "ddim" or k == "1"
-            m.update(paired_distance(x, x_ref, extract) if deterministic else
+            m.update(paired_distance(x, x_ref, fx, f_ref) if deterministic else
                      {"paired_px": None, "paired_feat": None})
     if ref is not None:
         result["teacher_ref"] = {k: ref[k] for k in ("n", "steps", "floor_fd", "floor_kid")}

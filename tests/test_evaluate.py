@@ -349,3 +349,13 @@ def test_teacher_samples_are_cached_by_weights_and_protocol(tmp_path, monkeypatc
         list(net.parameters())[-1].add_(0.5)  # the output bias (the last layer starts at zero)
         other = E.teacher_samples(net, 2, 12, w=1.0, seed=5, cache_dir=cache)
     assert len(list(tmp_path.glob("teacher-samples-*.pt"))) == 4 and not torch.equal(other, x)
+
+
+def test_paired_distance_known_cases():
+    a = torch.zeros(4, 1, 8, 8)
+    b = a.clone()
+    b[0] += 0.2  # one sample of four off by 0.2 everywhere: mean squared difference 0.04 / 4
+    fa, fb = torch.zeros(4, 3), torch.tensor([[1.0, 1.0, 1.0]] + [[0.0] * 3] * 3)
+    d = E.paired_distance(a, b, fa, fb)
+    assert d["paired_px"] == pytest.approx(0.01) and d["paired_feat"] == pytest.approx(0.25)
+    assert E.paired_distance(a, a) == {"paired_px": 0.0, "paired_feat": None}
