@@ -515,15 +515,15 @@ def ramped_betas(betas, frac, ramp):
     return (b_data + b_student - s, b_teacher, s)
 
 
-def student_of(teacher, head="copy", **overrides):
+def student_of(teacher, head="auto", **overrides):
     """A trainable copy of the teacher without dropout (distillation trains students without it;
-    PD, CD), with config overrides such as w_embed=True (new layers start at zero). head="v" is
-    for published eps teachers (published.student_copy); our networks predict v already."""
+    PD, CD), with config overrides such as w_embed=True (new layers start at zero). head: for
+    published eps teachers (published.student_copy); our networks predict v already."""
     if hasattr(teacher, "make_student"):  # a published teacher (published.py) copies itself
         if overrides.get("w_embed"):
             raise ValueError("a published teacher has no guidance-weight input to give a student")
         return teacher.make_student(head=head)
-    if head != "copy":
+    if head == "v":
         raise ValueError(f"student head {head!r}: our own teachers predict v already")
     student = UNet(**{**teacher.config, "dropout": 0.0, **overrides}).to(next(teacher.parameters()).device)
     student.load_state_dict(teacher.state_dict(), strict=not overrides.get("w_embed"))

@@ -86,8 +86,8 @@ class Config:
     log_every: int = 25
     teacher: str = ""              # "" = runs/teacher-<dataset>[-cond]/ckpt.pt (trained first if missing)
     edm_repo: str = ""             # your NVlabs EDM checkout, for --teacher edm-pkl:<.pkl>
-    student_head: str = "copy"     # copy: the teacher's output; v: a published eps head re-read as v
-    head_warmup: int = 200         # (student_head v) iterations fitting the v head to the teacher first
+    student_head: str = "auto"     # published eps teachers: v (auto), or copy the eps head
+    head_warmup: int = 300         # iterations fitting that v head to the teacher first
     cond: bool = False             # the default teacher is the class-conditional one
     steps: int = 4                 # K, G's sampling steps
     beta_data: float = 0.0         # measured best on digits: DMD2's own inputs + reflect
@@ -117,7 +117,7 @@ class Config:
     shift_samples: int = 256       # states per grid time in the covariate-shift diagnostic
     bf16: bool = True              # autocast on CUDA only (DMD2: bf16 needed, fp16 diverged)
     compile: bool = False          # torch.compile G's and mu_fake's training forwards (eager on failure)
-    CHOICES = {"student_head": ("copy", "v"), "bound": C.BOUNDS, "sample_bound": C.BOUNDS}  # argparse choices
+    CHOICES = {"student_head": P.HEADS, "bound": C.BOUNDS, "sample_bound": C.BOUNDS}  # argparse choices
 
 
 PRESETS = {  # per-process batch for 8 GPUs; DMD2's ImageNet-64 recipe: lr 2e-6 for G and mu_fake, 5 mu_fake
@@ -307,7 +307,7 @@ def main(argv=None):
 
     G = C.student_of(T, cfg.student_head)  # G and mu_fake copy the teacher, without dropout
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
-    if cfg.student_head != "copy" and not os.path.isfile(ckpt_path):  # a resume loads the fitted head
+    if not os.path.isfile(ckpt_path):  # a fresh run fits a re-read v head first; a resume loads it
         P.warm_up_head(G, T, data, cfg.head_warmup, cfg.batch_size, cfg.lr, cfg.seed)
     fake = copy.deepcopy(G)
     torch.manual_seed(cfg.seed)  # the head's random init: same seed, same run

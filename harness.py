@@ -108,8 +108,8 @@ def check_ddil(cfg):
     if cfg.eval_every < 0:
         fail(f"--eval-every must be >= 0 (0 = no FD curve), got {cfg.eval_every}")
     check_positive(cfg, "eval_every_samples")
-    head = getattr(cfg, "student_head", "copy")
-    if head != "copy" and not cfg.teacher.startswith("diffusers:"):
+    head = getattr(cfg, "student_head", "auto")
+    if head == "v" and not cfg.teacher.startswith("diffusers:"):
         fail(f"--student-head {head} re-reads a published eps-prediction teacher's output "
              f"(--teacher diffusers:...); other teachers' students need no new head: use --student-head copy")
     if getattr(cfg, "head_warmup", 0) < 0:

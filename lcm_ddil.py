@@ -54,8 +54,8 @@ class Config:
     out: str = ""                 # default runs/lcm_ddil-<dataset>[-cond]
     teacher: str = ""             # default runs/teacher-<dataset>[-cond]/ckpt.pt (trained when missing)
     edm_repo: str = ""            # your NVlabs EDM checkout, for --teacher edm-pkl:<.pkl>
-    student_head: str = "copy"    # copy: the teacher's output; v: a published eps head re-read as v
-    head_warmup: int = 200        # (student_head v) iterations fitting the v head to the teacher first
+    student_head: str = "auto"    # published eps teachers: v (auto), or copy the eps head
+    head_warmup: int = 300        # iterations fitting that v head to the teacher first
     cond: bool = False            # the default teacher is the class-conditional one
     iters: int = 800
     batch_size: int = 128         # per process
@@ -92,7 +92,7 @@ class Config:
     compile: bool = False         # torch.compile the student's training forward (eager on failure)
     grad_accum: int = 1           # micro-batches per step (batch_size / grad_accum each; DDP no_sync)
 
-    CHOICES = {"student_head": ("copy", "v"), "bound": C.BOUNDS, "sample_bound": C.BOUNDS, "loss": ("l2", "huber")}
+    CHOICES = {"student_head": P.HEADS, "bound": C.BOUNDS, "sample_bound": C.BOUNDS, "loss": ("l2", "huber")}
 
 
 PRESETS = {  # CD's published recipes (Song et al. 2023, Table 3); batch_size per process for 8 GPUs
@@ -265,7 +265,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)  # the w embedding's random init: same seed, same run
     student = C.student_of(teacher, cfg.student_head, w_embed=guided)
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
-    if cfg.student_head != "copy" and not os.path.isfile(ckpt_path):  # a resume loads the fitted head
+    if not os.path.isfile(ckpt_path):  # a fresh run fits a re-read v head first; a resume loads it
         P.warm_up_head(student, teacher, data, cfg.head_warmup, cfg.batch_size, cfg.lr, cfg.seed)
     target = make_target(student, cfg.target_ema)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)

@@ -59,8 +59,8 @@ class Config:
     out: str = ""                  # default runs/pd_ddil-<dataset>[-cond]
     teacher: str = ""              # "" = runs/teacher-<dataset>[-cond]/ckpt.pt (trained first if missing)
     edm_repo: str = ""             # your NVlabs EDM checkout, for --teacher edm-pkl:<.pkl>
-    student_head: str = "copy"     # copy: the teacher's output; v: a published eps head re-read as v
-    head_warmup: int = 200         # (student_head v) iterations fitting the v head to the teacher first
+    student_head: str = "auto"     # published eps teachers: v (auto), or copy the eps head
+    head_warmup: int = 300         # iterations fitting that v head to the teacher first
     cond: bool = False             # the default teacher is the class-conditional one
     guidance: float = 0.0          # classifier-free guidance of the first teacher (conditional only)
     teacher_steps: int = 64        # the first stage's teacher sampler
@@ -95,7 +95,7 @@ class Config:
     compile: bool = False          # torch.compile the student's training forward (eager on failure)
     grad_accum: int = 1            # micro-batches per step (batch_size / grad_accum each; DDP no_sync)
 
-    CHOICES = {"student_head": ("copy", "v"), "bound": C.BOUNDS, "sample_bound": C.BOUNDS, "dataset": tuple(H.DATASETS)}
+    CHOICES = {"student_head": P.HEADS, "bound": C.BOUNDS, "sample_bound": C.BOUNDS, "dataset": tuple(H.DATASETS)}
 
 
 PRESETS = {  # per-process batch for 8 GPUs: 8 x 16 = 128, the published CIFAR-10 batch; on one GPU
@@ -235,7 +235,7 @@ def main(argv=None):
 
     student = C.student_of(teacher0, cfg.student_head)  # a copy of the teacher, no dropout
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
-    if cfg.student_head != "copy" and not os.path.isfile(ckpt_path):  # a resume loads the fitted head
+    if not os.path.isfile(ckpt_path):  # a fresh run fits a re-read v head first; a resume loads it
         P.warm_up_head(student, teacher0, data, cfg.head_warmup, cfg.batch_size, cfg.lr, cfg.seed)
     ck, step, train_time = H.resume(ckpt_path, device, student.config, {"net": student})
     if ck is not None:

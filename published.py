@@ -40,7 +40,7 @@ import common as C
 import harness as H
 
 PREFIXES = ("diffusers", "edm-adm", "edm-pkl")
-HEADS = ("copy", "v")  # a student's output: the teacher's own, or an eps head re-read as v
+HEADS = ("auto", "copy", "v")  # a student's output: v for eps teachers (auto), the teacher's own, or v
 
 
 def _need_diffusers():
@@ -843,7 +843,7 @@ def build_from_config(config):
            f"{cfg.get('backbone')!r} from its config")
 
 
-def student_copy(teacher, clip_x0=False, head="copy"):
+def student_copy(teacher, clip_x0=False, head="auto"):
     """A trainable copy of a wrapped teacher: same backbone and output parameterisation, dropout
     off, train mode. For an eps-prediction DiffusersTeacher the x0 clamp below logSNR 0 is dropped
     by default (clip_x0=False): a clamp passes no gradient where it is active. At t = 1 the copy
@@ -852,12 +852,18 @@ def student_copy(teacher, clip_x0=False, head="copy"):
     1/alpha(1). v-prediction and EDM copies need no change (their maps have no division by a small
     number). Guidance-weight inputs (w_embed, LCM) are not available for wrapped networks.
 
-    head="v" (an eps-prediction DiffusersTeacher only): the copy's output is read as v on the
-    teacher's level, x0 = a' z - s' v', eps = s' z + a' v', with no division anywhere, so x0 at
-    t = 1 is an output, not (z - s' eps) / a'. Its weights still predict eps: warm_up_head regresses
-    it onto the teacher's v before distillation (PD's reason for its x0 / "both" heads)."""
+    head="v" (an eps-prediction DiffusersTeacher only; "auto", the default, picks it there and
+    "copy" everywhere else): the copy's output is read as v on the teacher's level,
+    x0 = a' z - s' v', eps = s' z + a' v', with no division anywhere, so x0 at t = 1 is an output,
+    not (z - s' eps) / a'. Its weights still predict eps: warm_up_head fits it to the teacher's v
+    before distillation (PD's reason for its x0 / "both" heads). Measured on digits
+    (bench/diffusers_digits.py): the copied eps head fails where a student jumps from t = 1 (LCM
+    and DMD2 at K = 1: FD 13 and 27 against 3.0 for the teacher's 1-step DDIM); the fitted v head
+    distils as our own teachers do."""
     if head not in HEADS:
         raise ValueError(f"student head {head!r}: one of {', '.join(HEADS)}")
+    eps = isinstance(teacher, DiffusersTeacher) and teacher.prediction_type == "epsilon"
+    head = ("v" if eps else "copy") if head == "auto" else head
     if getattr(teacher, "_hook", None) is not None:
         teacher._hook.out = None  # the last forward's features: a graph tensor deepcopy refuses
     student = copy.deepcopy(teacher)
@@ -872,6 +878,7 @@ def student_copy(teacher, clip_x0=False, head="copy"):
             H.fail("--student-head v re-reads an eps-prediction diffusers teacher's output as v; "
                    "this teacher's student already predicts a bounded output: use --student-head copy")
         student.prediction_type = student.config["prediction_type"] = "v_prediction"
+        student.refit = True  # warm_up_head fits it before distillation
     # deepcopy copies the feature hook together with its module (one memo): the copy's hook
     # records the copy's mid block
     return student.train().requires_grad_(True)
@@ -881,7 +888,10 @@ def warm_up_head(student, teacher, data, iters, batch_size, lr, seed=0):
     """Fit a re-read head (student_copy(head="v")) to the teacher before distillation:
     min E ||v_student(z_t, t, y) - v_teacher(z_t, t, y)||^2 over data z_t = alpha x0 + sigma eps,
     t ~ U[0, 1], Adam at lr, `iters` steps. The same batches and noise on every rank (world size 1
-    batches, seeded per step), so DDP ranks start from the same student. Returns the last loss."""
+    batches, seeded per step), so DDP ranks start from the same student. Returns the last loss;
+    None (and nothing done) for any other student."""
+    if not getattr(student, "refit", False):
+        return None
     device = next(student.parameters()).device
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     batches, loss = H.Batches(data, batch_size, seed, device=device), torch.tensor(float("nan"))
@@ -904,7 +914,7 @@ def warm_up_head(student, teacher, data, iters, batch_size, lr, seed=0):
     return loss
 
 
-def _make_student(self, head="copy"):
+def _make_student(self, head="auto"):
     """common.student_of's hook for wrapped networks: student_copy(self, head=head)."""
     return student_copy(self, head=head)
 

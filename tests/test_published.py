@@ -342,6 +342,12 @@ def test_warm_up_head_fits_the_teacher():
     assert gap() < 0.7 * before  # a random tiny teacher: 0.55 after 50 iterations
     P.warm_up_head(twin, teacher, data, 50, 64, 2e-3, seed=0)  # every rank fits the same head
     assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), twin.state_dict().values()))
+    # auto: v for an eps diffusers teacher, the teacher's own head for the others
+    assert P.student_copy(teacher).prediction_type == "v_prediction" and P.student_copy(teacher).refit
+    vt = P.DiffusersTeacher(tiny_unet(), {**SCHEDS["linear"], "prediction_type": "v_prediction"})
+    assert P.student_copy(vt).prediction_type == "v_prediction" and not getattr(P.student_copy(vt), "refit", False)
+    copied = P.student_copy(teacher, head="copy")
+    assert copied.prediction_type == "epsilon" and P.warm_up_head(copied, teacher, data, 5, 8, 1e-3) is None
     with pytest.raises(SystemExit, match="student-head copy"):  # a v teacher needs no new head
         P.student_copy(P.DiffusersTeacher(tiny_unet(), {**SCHEDS["linear"], "prediction_type": "v_prediction"}),
                        head="v")
@@ -611,9 +617,9 @@ def test_edm_pkl_with_user_checkout(tmp_path):
             sys.modules.pop(k)
 
 
-@pytest.mark.parametrize("method, head", [("pd", "copy"), ("lcm", "copy"), ("dmd2", "copy"), ("pd", "v"),
+@pytest.mark.parametrize("method, head", [("pd", "copy"), ("lcm", "copy"), ("dmd2", "copy"), ("pd", "auto"),
                                           ("lcm", "v"), ("dmd2", "v")])
-def test_each_method_distils_a_diffusers_teacher_end_to_end(method, head, tmp_path):
+def test_each_method_distils_a_diffusers_teacher_end_to_end(method, head, tmp_path, capsys):
     """--teacher diffusers:<folder>: the student is a copy of the wrapped UNet2DModel, trained,
     checkpointed, and sampled again through evaluate.py from the checkpoint alone."""
     import json
@@ -630,7 +636,7 @@ def test_each_method_distils_a_diffusers_teacher_end_to_end(method, head, tmp_pa
     common = ["--teacher", f"diffusers:{tmp_path / 'teacher'}", "--out", str(out), "--batch-size", "4",
               "--eval-samples", "12", "--shift-samples", "4", "--buffer-size", "16", "--refresh", "2",
               "--log-every", "1", "--beta-data", "0.5", "--beta-student", "0.5", "--reference-steps", "4",
-              "--ref-samples", "12", "--student-head", head, "--head-warmup", "2"]
+              "--ref-samples", "12", "--head-warmup", "2"] + ([] if head == "auto" else ["--student-head", head])
     main, extra = {"pd": (pd_ddil.main, ["--teacher-steps", "4", "--steps", "2", "--iters-per-stage", "2",
                                          "--stage-eval-samples", "8"]),
                    "lcm": (lcm_ddil.main, ["--iters", "2", "--steps", "2", "--grid", "4", "--refresh-every", "1"]),
@@ -638,7 +644,8 @@ def test_each_method_distils_a_diffusers_teacher_end_to_end(method, head, tmp_pa
                                              "--fake-updates", "1"])}[method]
     student = main(common + extra)
     assert isinstance(student, P.DiffusersTeacher) and student.clip_x0 is False
-    assert student.prediction_type == {"copy": "epsilon", "v": "v_prediction"}[head]
+    assert student.prediction_type == {"copy": "epsilon", "v": "v_prediction", "auto": "v_prediction"}[head]
+    assert ("fitted to the teacher for 2 iterations" in capsys.readouterr().out) == (head != "copy")
     m = json.loads((out / "metrics.json").read_text())
     res = evaluate.main([str(out / "ckpt.pt"), "--steps", "2", "--num-samples", "12", "--out", str(tmp_path / "ev")])
     assert all(m["student"]["2"][k] == v for k, v in res["rows"]["2"].items())  # rebuilt from its config
