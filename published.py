@@ -859,7 +859,7 @@ def student_copy(teacher, clip_x0=False, head="auto"):
     before distillation (PD's reason for its x0 / "both" heads). Measured on digits
     (bench/diffusers_digits.py): the copied eps head fails where a student jumps from t = 1 (LCM
     and DMD2 at K = 1: FD 13 and 27 against 3.0 for the teacher's 1-step DDIM); the fitted v head
-    distils as our own teachers do."""
+    gives 0.63 and 2.1, and PD at K = 4 0.094 against the copy's 0.27."""
     if head not in HEADS:
         raise ValueError(f"student head {head!r}: one of {', '.join(HEADS)}")
     eps = isinstance(teacher, DiffusersTeacher) and teacher.prediction_type == "epsilon"

@@ -5,11 +5,12 @@ saved as a diffusers pipeline folder, then distilled by each method through
 
     pip install diffusers
     python bench/diffusers_digits.py                  # ~1 h on a quiet 2-core CPU
-    python bench/diffusers_digits.py --iters 200 --budget smoke --out /tmp/dd   # the plumbing
+    python bench/diffusers_digits.py --iters 200 --budget smoke --out /tmp/dd --table /tmp/dd.md  # plumbing
 
 Resumable: the teacher folder and every run's metrics.json are kept and skipped when present.
-Writes <out>/table.md: FD (1000 samples, sampling bound clip) of each student at K = 4 and of each
-teacher's DDIM at 4 and 64 steps. The DDPM teacher is distilled twice per method: the student a copy
+Writes bench/results/diffusers_digits.md (--table) and <out>/table.md: FD (1000 samples, sampling
+bound clip) of each student at K = 1 (where it samples one step) and 4, and of each teacher's DDIM
+at 4 and 64 steps. The DDPM teacher is distilled twice per method: the student a copy
 of its eps head (`--student-head copy`: x0 at t = 1 through (z - s' eps) / a', a gain of 1/a' = 156)
 and the head re-read as v and fitted to the teacher first (`--student-head v`, 300 iterations).
 """
@@ -80,6 +81,8 @@ def main():
     p.add_argument("--iters", type=int, default=4000, help="DDPM teacher training iterations")
     p.add_argument("--budget", choices=BUDGETS, default="full")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "diffusers_digits"))
+    p.add_argument("--table", default=os.path.join(ROOT, "bench", "results", "diffusers_digits.md"),
+                   help="where the table goes (also <out>/table.md)")
     args = p.parse_args()
     teacher_dir = os.path.join(args.out, "ddpm-digits")
     if not os.path.isfile(os.path.join(teacher_dir, "scheduler", "scheduler_config.json")):
@@ -100,13 +103,16 @@ def main():
             K = str(m["config"]["steps"])
             ref = max(m["teacher"], key=int)
             px = m["student"][K].get("paired_px")
-            rows.append(f"| {teacher_name} | {head} | {method} | {m['student'][K]['fd']:.3f} | "
+            one = f"{m['student']['1']['fd']:.3f}" if "1" in m["student"] else "-"
+            rows.append(f"| {teacher_name} | {head} | {method} | {one} | {m['student'][K]['fd']:.3f} | "
                         f"{'-' if px is None else f'{px:.4f}'} | {m['teacher'][K]['fd']:.3f} | "
                         f"{m['teacher'][ref]['fd']:.3f} |")
-    table = ("| teacher | student head | method | student FD, K = 4 | paired px error | teacher DDIM, 4 steps "
-             "| teacher DDIM, many steps |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
-    with open(os.path.join(args.out, "table.md"), "w") as fh:
-        fh.write(f"command: python bench/diffusers_digits.py {' '.join(sys.argv[1:])}\n\n" + table)
+    table = ("| teacher | student head | method | student FD, K = 1 | student FD, K = 4 | paired px error, K = 4 "
+             "| teacher DDIM, 4 steps | teacher DDIM, many steps |\n|---|---|---|---|---|---|---|---|\n"
+             + "\n".join(rows) + "\n")
+    for path in (os.path.join(args.out, "table.md"), args.table):
+        with open(path, "w") as fh:
+            fh.write(f"command: `python bench/diffusers_digits.py {' '.join(sys.argv[1:])}`\n\n" + table)
     print(table)
 
 

@@ -227,6 +227,8 @@ def execute(cfg, runs):
     def one(item):
         name, spec = item
         out = os.path.join(cfg.runs_dir, name)
+        if os.path.isfile(os.path.join(out, "metrics.json")):  # finished meanwhile (another instance)
+            return name, 0, 0.0
         os.makedirs(out, exist_ok=True)
         t0 = time.time()
         with open(os.path.join(out, "stdout.log"), "w") as fh:
