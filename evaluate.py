@@ -448,7 +448,10 @@ def final_evaluation(out, student, kind, student_ks, teacher, teacher_ks, num_sa
     for k in teacher_ks:
         teachers[str(k)] = evaluate_net(teacher, "ddim", k, num_samples, w=w, cached=True, **protocol)
     ref_steps = str(max(teacher_ks))
-    ref = teacher_reference(teacher, ref_samples, max(teacher_ks), w, **protocol) if ref_samples else None
+    # one reference set per teacher and protocol, whatever the run's seed: runs of every seed are
+    # measured against the same set (and it is sampled once)
+    ref = (teacher_reference(teacher, ref_samples, max(teacher_ks), w, **{**protocol, "seed": 0})
+           if ref_samples else None)
     result = {"student": {k: m for k, (m, _) in students.items()},
               "teacher": {k: m for k, (m, _) in teachers.items()},
               "w": w if teacher.num_classes else None, "sample_bound": protocol.get("bound", "clip")}

@@ -359,3 +359,18 @@ def test_paired_distance_known_cases():
     d = E.paired_distance(a, b, fa, fb)
     assert d["paired_px"] == pytest.approx(0.01) and d["paired_feat"] == pytest.approx(0.25)
     assert E.paired_distance(a, a) == {"paired_px": 0.0, "paired_feat": None}
+
+
+def test_teacher_reference_is_one_set_whatever_the_runs_seed(cache, tmp_path):
+    net = C.build_unet("digits")
+    torch.manual_seed(0)
+    for p in net.parameters():  # not the zero output layer of a fresh network
+        p.data.add_(0.05 * torch.randn_like(p))
+    protocol = dict(dataset="digits", bound="clip", device="cpu", cache_dir=cache)
+    refs = [E.final_evaluation(str(tmp_path / f"s{seed}"), net, "ddim", [1], net, [1, 2], 8,
+                               lambda x, t, y: x.flatten(1).square().mean(1), 4, ref_samples=8,
+                               seed=seed, **protocol)
+            for seed in (1, 2)]
+    assert refs[0]["teacher_ref"] == refs[1]["teacher_ref"]  # the same reference set
+    assert refs[0]["student"]["1"]["fd"] != refs[1]["student"]["1"]["fd"]  # the runs' own noise
+    assert refs[0]["student"]["1"]["fd_teacher"] != refs[1]["student"]["1"]["fd_teacher"]
