@@ -110,9 +110,10 @@ def main():
     table = ("| teacher | student head | method | student FD, K = 1 | student FD, K = 4 | paired px error, K = 4 "
              "| teacher DDIM, 4 steps | teacher DDIM, many steps |\n|---|---|---|---|---|---|---|---|\n"
              + "\n".join(rows) + "\n")
+    command = " ".join(["python bench/diffusers_digits.py", *sys.argv[1:]])
     for path in (os.path.join(args.out, "table.md"), args.table):
         with open(path, "w") as fh:
-            fh.write(f"command: `python bench/diffusers_digits.py {' '.join(sys.argv[1:])}`\n\n" + table)
+            fh.write(f"command: `{command}`\n\n" + table)
     print(table)
 
 
