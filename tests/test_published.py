@@ -611,6 +611,16 @@ def test_edm_pkl_with_user_checkout(tmp_path):
             pd_ddil.main(["--teacher", f"edm-pkl:{path}", "--edm-repo", str(repo), "--out", str(tmp_path / "pd")])
         with pytest.raises(SystemExit, match="your own EDM checkout"):
             pd_ddil.main(["--teacher", f"edm-pkl:{path}", "--out", str(tmp_path / "pd")])
+        # a short PD run from an 8x8 EDM-preconditioned teacher: student copied, trained, evaluated
+        net8 = nets.EDMPrecond(img_resolution=8, img_channels=1)
+        write_persistence_pickle(tmp_path / "edm8.pkl", sentinel, net8, init_kwargs=dict(img_resolution=8, img_channels=1))
+        student = pd_ddil.main(["--teacher", f"edm-pkl:{tmp_path / 'edm8.pkl'}", "--edm-repo", str(repo),
+                                "--out", str(tmp_path / "pd8"), "--teacher-steps", "4", "--steps", "2",
+                                "--iters-per-stage", "2", "--batch-size", "4", "--eval-samples", "12",
+                                "--stage-eval-samples", "8", "--shift-samples", "4", "--ref-samples", "0",
+                                "--reference-steps", "4", "--eval-every", "0"])
+        assert isinstance(student, P.EDMTeacher) and (tmp_path / "pd8" / "metrics.json").is_file()
+        assert not torch.equal(student.net.conv.weight, net8.model.conv.weight)  # it trained
         assert not sentinel.exists()
     finally:
         for k in [k for k in sys.modules if k == "training" or k.startswith("training.")]:
