@@ -40,20 +40,20 @@ def test_teacher_cifar10_preset(tmp_path):
 
 @pytest.mark.slow
 def test_teacher_imagenet64_preset(tmp_path):
-    """Two iterations of the imagenet64 preset (the class-conditional ADM-width U-Net) at batch 2
+    """One iteration of the imagenet64 preset (the class-conditional ADM-width U-Net) at batch 2
     on npz batches."""
     write_imagenet64_npz(tmp_path / "data", sizes=(2, 2))
     out = tmp_path / "out"
     teacher.main(["--dataset", "imagenet64", "--data-dir", str(tmp_path / "data"), "--out", str(out),
-                  "--iters", "2", "--batch-size", "2", "--sample-steps", "2", "--sample-count", "2",
+                  "--iters", "1", "--batch-size", "2", "--sample-steps", "1", "--sample-count", "2",
                   "--device", "cpu", "--log-every", "1"])
-    ck = H.load_checkpoint(str(out / "ckpt.pt"))
+    ck = torch.load(out / "ckpt.pt", weights_only=True, mmap=True)  # 4.5 GB: read only what is asked
     cfg = C.build_unet("imagenet64").config
-    assert ck["step"] == 2 and ck["model_config"] == cfg and cfg["num_classes"] == 1000
+    assert ck["step"] == 1 and ck["model_config"] == cfg and cfg["num_classes"] == 1000
     assert ck["config"]["cond"] and ck["config"]["lr"] == teacher.PRESETS["imagenet64"]["lr"]
     assert sum(v.numel() for v in ck["model"].values()) > 200e6  # the preset network, not a toy
     logs = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert [r["step"] for r in logs] == [1, 2] and all(r["loss"] == r["loss"] for r in logs)
+    assert [r["step"] for r in logs] == [1] and all(r["loss"] == r["loss"] for r in logs)
     assert (out / "samples.png").stat().st_size > 0
     del ck
     shutil.rmtree(out)  # a 4.5 GB checkpoint (weights, EMA, Adam): don't leave it in /tmp
