@@ -222,7 +222,8 @@ def run(tmp_path, teacher, out, iters, **extra):
     args = {"teacher": teacher, "out": str(tmp_path / out), "iters": iters, "batch-size": 8,
             "ckpt-every": 2, "log-every": 1, "eval-samples": 16, "reference-steps": 8,
             "beta-data": 0.5, "beta-teacher": 0.25, "beta-student": 0.25,
-            "buffer-size": 32, "refresh": 2, "refresh-every": 2, "seed": 3, "ref-samples": 16, **extra}
+            "buffer-size": 32, "refresh": 2, "refresh-every": 2, "seed": 3, "ref-samples": 16,
+            "shift-samples": 16, **extra}
     argv = [s for k, v in args.items() for s in (f"--{k}", str(v))]
     return L.main(argv)
 
