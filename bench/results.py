@@ -335,12 +335,13 @@ def compare_by_seed(variant, baseline, lower_is_better=True):
 # ----------------------------------------------------------------------------------------------
 
 def fd_curve(log_path):
-    """(training seconds, fd) of a log.jsonl's --eval-every records (evaluation time excluded)."""
+    """(training iteration, fd) of a log.jsonl's --eval-every records. A run resumed from its
+    ckpt.pt logs the steps after the checkpoint again: the last record of a step wins."""
     if not os.path.isfile(log_path):
         return []
     with open(log_path) as fh:
         recs = [json.loads(ln) for ln in fh if ln.strip()]
-    return [(r["train_s"], r["fd"]) for r in recs if "fd" in r and "train_s" in r]
+    return sorted({r["step"]: r["fd"] for r in recs if "fd" in r and "step" in r}.items())
 
 
 def value(m, key, k):
@@ -533,7 +534,7 @@ def plots(res, out):
         if c["steps"] == k:
             panels.setdefault((c["lab"], c["method"]), []).append(label)
     written = []
-    for fname, ylabel in (("fd_curves.png", "FD (--eval-every curve)"), ("covariate_shift.png", "err_own / err_data")):
+    for fname, ylabel in (("fd_curves.png", "FD during training"), ("covariate_shift.png", "err_own / err_data")):
         keys = [pk for pk in panels if any(res["fd_curves" if fname == "fd_curves.png" else "covariate_shift"]
                                            .get(label) for label in panels[pk])]
         if not keys:
@@ -549,10 +550,16 @@ def plots(res, out):
             for label in labels:
                 v, color = res["cells"][label]["variant"], COLORS.get(res["cells"][label]["variant"])
                 if fname == "fd_curves.png":
-                    for i, curve in enumerate(c for c in res["fd_curves"].get(label, {}).values() if c):
-                        ax.plot([t for t, _ in curve], [fd for _, fd in curve], color=color, lw=0.8,
-                                marker=".", label=v if i == 0 else None)
-                    ax.set(xlabel="training time (s)", yscale="log")
+                    by_step = {}  # the seeds' mean and min..max at each evaluated iteration
+                    for curve in res["fd_curves"].get(label, {}).values():
+                        for step, fd in curve:
+                            by_step.setdefault(step, []).append(fd)
+                    steps = sorted(by_step)
+                    ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], color=color, lw=1,
+                            marker=".", label=f"{v} (n = {len(res['fd_curves'].get(label, {}))})")
+                    ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
+                                    color=color, alpha=0.2, lw=0)
+                    ax.set(xlabel="training iteration", yscale="log")
                 elif label in res["covariate_shift"]:
                     cs = res["covariate_shift"][label]
                     ok = [(t, s) for t, s in zip(cs["t"], cs["ratio"]) if s]

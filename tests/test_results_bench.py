@@ -118,7 +118,8 @@ def fake_metrics(path, fd, seed, *, fd_teacher=None, paired_px=None, ratio_last=
     with open(os.path.join(path, "log.jsonl"), "w") as fh:
         fh.write(json.dumps({"step": 1, "loss": 1.0}) + "\n")  # not a curve record
         for t, f in ((10, fd + 2), (20, fd)):
-            fh.write(json.dumps({"step": t, "train_s": t, "fd": f, "kid": 0.0}) + "\n")
+            fh.write(json.dumps({"step": t, "train_s": 3 * t, "fd": f, "kid": 0.0}) + "\n")
+        fh.write(json.dumps({"step": 10, "train_s": 30, "fd": fd + 2, "kid": 0.0}) + "\n")  # resumed: again
 
 
 def test_aggregation_pairs_by_seed(tmp_path, monkeypatch, capsys):
