@@ -1,7 +1,7 @@
 """The DDIL benchmark on digits (issue 15): labs x methods x variants x K x seeds, resumable, with
 paired statistics against each baseline, aggregated into bench/results/.
 
-    python bench/results.py                                   # --budget full: 260 runs, ~10 h (see BUDGET)
+    python bench/results.py                                   # --budget full: 260 runs, ~15 h (see BUDGET)
     python bench/results.py --lab uncond --seeds 0 1          # a part of it; rerun to resume
     python bench/results.py --lab cond --ks 4 --variants baseline,+DDIL   # the core comparison first
     python bench/results.py --budget smoke --seeds 0 --only lcm --lab uncond --out /tmp/r  # the plumbing
@@ -34,17 +34,22 @@ The grid (tables below; change them there):
   against --ref-samples of the teacher's own samples (fd_teacher; 5000 in the full budget).
   Per lab: 3 methods x 4 variants x 2 K + 2 (DMD2 K = 1) = 26 cells; x 2 labs x 5 seeds = 260 runs.
 
-BUDGET "full" (per-script flags in BUDGETS). Per-run times under these flags are not measured
-yet: the estimate is from the issue-7 benchmark at the same iterations on a quiet 2-core CPU, PD
-~80 s, LCM ~125 s, DMD2 ~85 s per run (K = 4, unconditional). Per lab and seed: 8 PD + 8 LCM +
-10 DMD2 runs ~ 2500 s; the conditional lab evaluates a guided teacher (two forwards per step),
-say x1.5 ~ 3700 s; PD at K = 2 has one more stage. So ~ 6200 s per seed for both labs, 5 seeds
-~ 8.6 h, plus the conditional teacher (~17 min, once), plus each lab's teacher reference set
-(2 x 5000 samples at 64 steps, cached on disk by the teacher and protocol): about 10 hours at
---jobs 1. Far longer than one session: run it in parts (--lab, --only, --seeds), each rerun
-resumes. results.json records each run's wall time (bench_wall.json in its folder) so the real
-total is known after the first seed. Iterations/s come from each run's own training loop; with
---jobs > 1 runs share the CPU, so compare costs only at --jobs 1, and run nothing else meanwhile.
+BUDGET "full" (per-script flags in BUDGETS): PD 100 iterations per stage, LCM 500 iterations, DMD2
+1200 iterations at batch 32, each where its baseline's FD curve has flattened (fd_curves.png). DMD2
+needs the most: its FD first rises from the teacher-initialised G (1.9 at iteration 150) and falls
+until about 900 iterations (a 3000-iteration baseline run, unconditional, K = 4, FD on 250 samples
+every 150 iterations: 1.88, 1.08, 0.46, 0.50, 0.41, 0.35, then 0.16..0.39 up to 2700); an earlier
+budget of 300 iterations stopped in the middle of that fall, so runs made under it are stale (see
+below). Measured wall time per run at --jobs 2 on this 2-core CPU (one thread each, median over
+the runs so far): PD 150 s / LCM 200 s unconditional, 240 s / 460 s guided (K = 4). The whole grid
+is about 15 hours; run it in parts (--lab, --only, --ks, --variants, --seeds), each rerun resumes.
+results.json records each run's wall time (bench_wall.json in its folder). Iterations/s come from
+each run's own training loop; with --jobs > 1 runs share the CPU, so compare costs only at --jobs 1,
+and run nothing else meanwhile.
+
+A finished run is skipped only if its config.json matches the flags the grid would give it now
+(paths aside): run names encode the grid, not the budget, so a run made under other flags stops the
+benchmark with its name; move it away (or give another --runs-dir).
 
 STATISTICS (paired_ci): every variant against the baseline of the same (lab, method, K), paired by
 seed (only seeds present in both arms, and for each metric only seeds where both have a finite
@@ -78,7 +83,7 @@ import harness as H  # noqa: E402
 
 @dataclass
 class Config:
-    budget: str = "full"           # full (~10 h on a quiet 2-core CPU, in parts) or smoke (tests)
+    budget: str = "full"           # full (~15 h on a 2-core CPU, in parts) or smoke (tests)
     seeds: list = field(default_factory=lambda: [0, 1, 2, 3, 4])
     out: str = "bench/results"     # results.json, table.md, *.png
     runs_dir: str = ""             # the runs' --out folders; "" = bench/out/<budget>
@@ -119,8 +124,8 @@ BUDGETS = {  # per-script flags (labs and variants add theirs)
     "full": {"pd": ["--iters-per-stage", "100", "--eval-samples", "1000", "--stage-eval-samples", "250",
                     "--eval-every", "50", "--ref-samples", "5000"],
              "lcm": ["--iters", "500", "--eval-samples", "1000", "--eval-every", "50", "--ref-samples", "5000"],
-             "dmd2": ["--iters", "300", "--batch-size", "32", "--teacher-substeps", "4",
-                      "--eval-samples", "1000", "--eval-every", "30", "--ref-samples", "5000"]},
+             "dmd2": ["--iters", "1200", "--batch-size", "32", "--teacher-substeps", "4",
+                      "--eval-samples", "1000", "--eval-every", "100", "--ref-samples", "5000"]},
     "smoke": {"pd": ["--teacher-steps", "8", "--reference-steps", "8", "--iters-per-stage", "2",
                      "--batch-size", "8", "--buffer-size", "32", "--refresh", "4", "--eval-samples", "32",
                      "--stage-eval-samples", "16", "--shift-samples", "16", "--ref-samples", "16",
@@ -204,6 +209,38 @@ def teacher_missing(cfg, lab):
     path = (cfg.teacher_cond if lab == "cond" else cfg.teacher) or \
         os.path.join(ROOT, H.default_teacher_path("digits", lab == "cond"))
     return not os.path.isfile(path)
+
+
+PATHS = ("out", "data_dir", "teacher", "device")  # where a run lives, not what it measured
+
+
+def flags_of(argv):
+    """{config key: value string} of a script's argv (a flag without a value is a switch: "True")."""
+    flags, i = {}, 2  # argv[0:2]: python, the script
+    while i < len(argv):
+        has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        flags[argv[i][2:].replace("-", "_")] = argv[i + 1] if has_value else "True"
+        i += 2 if has_value else 1
+    return flags
+
+
+def stale_runs(cfg, runs):
+    """The runs in --runs-dir whose config.json was written under other flags (another budget, an
+    older grid): "name: key was, now" lines. Run names encode only the grid's flags, not the budget."""
+    stale = []
+    for name, spec in runs.items():
+        path = os.path.join(cfg.runs_dir, name, "config.json")
+        if not os.path.isfile(path):
+            continue
+        config = read_json(path)
+        for key, want in flags_of(argv_of(cfg, name, spec)).items():
+            have = config.get(key)
+            same = (str(have) == want if isinstance(have, (bool, str)) or have is None else
+                    math.isclose(float(have), float(want)))
+            if key not in PATHS and not same:
+                stale.append(f"{name}: {key} {have}, now {want}")
+                break
+    return stale
 
 
 def execute(cfg, runs):
@@ -616,6 +653,10 @@ def main(argv=None):
     cfg.teacher = os.path.abspath(cfg.teacher) if cfg.teacher else ""
     cfg.teacher_cond = os.path.abspath(cfg.teacher_cond) if cfg.teacher_cond else ""
     cfg.data_dir = os.path.abspath(cfg.data_dir)
+    stale = stale_runs(cfg, runs)
+    if stale:
+        H.fail(f"{len(stale)} runs in {cfg.runs_dir} were made with other flags ({stale[0]}"
+               f"{', ...' if len(stale) > 1 else ''}): move them away or give another --runs-dir")
     failed = execute(cfg, runs) if cfg.run else []
     res = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "budget": cfg.budget, "seeds": cfg.seeds, "flags": {m: BUDGETS[cfg.budget][m] for m in SCRIPTS},

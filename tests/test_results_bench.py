@@ -231,5 +231,12 @@ def test_smoke_two_runs_end_to_end(tiny_teacher, tmp_path, monkeypatch, capsys):
     else:
         for name in ("covariate_shift.png", "fd_curves.png"):
             assert 0 < os.path.getsize(tmp_path / "res" / name) < 100_000
-    R.main(argv)  # a rerun resumes: nothing left to train
+    R.main(argv)  # a rerun resumes: nothing left to train (the runs' config.json match their flags)
     assert "2 runs, 2 already done, 0 to run" in capsys.readouterr().out
+    # another budget for the same names: the finished runs are stale, not "already done"
+    lcm = list(R.BUDGETS["smoke"]["lcm"])
+    lcm[lcm.index("--iters") + 1] = "4"
+    monkeypatch.setitem(R.BUDGETS["smoke"], "lcm", lcm)
+    with pytest.raises(SystemExit, match=r"2 runs in .* were made with other flags \(uncond-lcm-K2-b1_0_0-none-s0: "
+                                         r"iters 3, now 4, \.\.\.\): move them away"):
+        R.main(argv)
