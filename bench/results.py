@@ -38,9 +38,10 @@ BUDGET "full" (per-script flags in BUDGETS): PD 100 iterations per stage, LCM 50
 1200 iterations at batch 32, each where its baseline's FD curve has flattened (fd_curves.png). DMD2
 needs the most: its FD first rises from the teacher-initialised G (1.9 at iteration 150) and falls
 until about 900 iterations (a 3000-iteration baseline run, unconditional, K = 4, FD on 250 samples
-every 150 iterations: 1.88, 1.08, 0.46, 0.50, 0.41, 0.35, then 0.16..0.39 up to 2700); an earlier
-budget of 300 iterations stopped in the middle of that fall, so runs made under it are stale (see
-below). Measured wall time per run at --jobs 2 on this 2-core CPU (one thread each, median over
+every 150 iterations: 1.88, 1.08, 0.46, 0.50, 0.41, 0.35, then 0.16..0.39 up to 2700; final FD on
+1000 samples 0.19 at 3000 iterations, against 0.15 for the benchmark's 1200-iteration run of the same
+seed); an earlier budget of 300 iterations stopped in the middle of that fall, so runs made under it
+are stale (see below). Measured wall time per run at --jobs 2 on this 2-core CPU (one thread each, median over
 the runs so far): PD 150 s / LCM 200 s unconditional, 240 s / 460 s guided (K = 4). The whole grid
 is about 15 hours; run it in parts (--lab, --only, --ks, --variants, --seeds), each rerun resumes.
 results.json records each run's wall time (bench_wall.json in its folder). Iterations/s come from
