@@ -236,9 +236,10 @@ def stale_runs(cfg, runs):
         config = read_json(path)
         for key, want in flags_of(argv_of(cfg, name, spec)).items():
             have = config.get(key)
-            same = (str(have) == want if isinstance(have, (bool, str)) or have is None else
-                    math.isclose(float(have), float(want)))
-            if key not in PATHS and not same:
+            if key in PATHS:
+                continue
+            if not (str(have) == want if isinstance(have, (bool, str)) or have is None else
+                    math.isclose(float(have), float(want))):
                 stale.append(f"{name}: {key} {have}, now {want}")
                 break
     return stale
@@ -588,13 +589,13 @@ def plots(res, out):
             for label in labels:
                 v, color = res["cells"][label]["variant"], COLORS.get(res["cells"][label]["variant"])
                 if fname == "fd_curves.png":
+                    curves = [c for c in res["fd_curves"].get(label, {}).values() if c]
                     by_step = {}  # the seeds' mean and min..max at each evaluated iteration
-                    for curve in res["fd_curves"].get(label, {}).values():
-                        for step, fd in curve:
-                            by_step.setdefault(step, []).append(fd)
+                    for step, fd in (point for curve in curves for point in curve):
+                        by_step.setdefault(step, []).append(fd)
                     steps = sorted(by_step)
                     ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], color=color, lw=1,
-                            marker=".", label=f"{v} (n = {len(res['fd_curves'].get(label, {}))})")
+                            marker=".", label=f"{v} (n = {len(curves)})")
                     ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
                                     color=color, alpha=0.2, lw=0)
                     ax.set(xlabel="training iteration", yscale="log")

@@ -64,8 +64,11 @@ def test_plan_grid_and_flags():
         name = cells[label]["runs"][seed]
         argv = R.argv_of(cfg, name, runs[name])
         assert argv[-1] == os.path.join("x", name)
-        return {a: argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else True
-                for i, a in enumerate(argv) if a.startswith("--")}
+        f = {a: argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else True
+             for i, a in enumerate(argv) if a.startswith("--")}
+        # the stale-run check reads the same flags by config key (a switch: "True")
+        assert R.flags_of(argv) == {a[2:].replace("-", "_"): "True" if v is True else v for a, v in f.items()}
+        return f
     f = flags("uncond dmd2 K=4 baseline")
     assert (f["--beta-data"], f["--beta-teacher"], f["--beta-student"], f["--bound"]) == ("0", "0", "1", "none")
     assert (f["--sample-bound"], f["--ref-samples"], f["--rollout-teacher-p"]) == ("clip", "5000", "0")
