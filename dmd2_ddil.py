@@ -49,7 +49,9 @@ Choices and deviations (DMD2 code: tianweiy/DMD2):
   step down to 0): G is trained to sample, so the teacher's *sample* from that state, not its
   one-step x0 mean, is the label it should imitate.
 - Defaults: DDIL's reflection on DMD2's own inputs, betas (0, 0, 1) + --bound reflect, the best
-  variant of the digits benchmark (bench/results).
+  DMD2 variant of the earlier three-seed digits benchmark, measured before evaluation used the
+  published clipping sampler throughout (bench/results/README.md); bench/results.py remeasures it
+  ("+reflect") against the baseline at K = 1, 2 and 4 in both labs.
 
     python dmd2_ddil.py                        # digits, CPU, 4-step G: DMD2 + reflection
     python dmd2_ddil.py --beta-data 0.5 --beta-student 0.5        # + DDIL's data states

@@ -1,7 +1,7 @@
 """The DDIL benchmark on digits (issue 15): labs x methods x variants x K x seeds, resumable, with
 paired statistics against each baseline, aggregated into bench/results/.
 
-    python bench/results.py                                   # --budget full: 260 runs, ~15 h (see BUDGET)
+    python bench/results.py                                   # --budget full: 280 runs, ~17 h (see BUDGET)
     python bench/results.py --lab uncond --seeds 0 1          # a part of it; rerun to resume
     python bench/results.py --lab cond --ks 4 --variants baseline,+DDIL   # the core comparison first
     python bench/results.py --budget smoke --seeds 0 --only lcm --lab uncond --out /tmp/r  # the plumbing
@@ -28,11 +28,14 @@ The grid (tables below; change them there):
            +DDIL+reflect   (0.5, 0, 0.5), bound reflect
            +DDIL mixed     (0.5, 0, 0.5), bound none, --rollout-teacher-p 0.5 (DAgger's mixture:
                            each step of the student's own rollout is the teacher's w.p. 0.5)
-  K        2 and 4; and K = 1 for DMD2: baseline and "+reflect" ((0, 0, 1), bound reflect) only,
-           since at K = 1 every input is noise and the betas change nothing.
+           +reflect        DMD2 only: (0, 0, 1), bound reflect, dmd2_ddil.py's default (the best
+                           DMD2 variant of the earlier, issue-7 benchmark; remeasured here)
+  K        2 and 4; and K = 1 for DMD2: baseline and +reflect only, since at K = 1 every input is
+           noise and the betas change nothing.
   Evaluation always with --sample-bound clip; every run logs an FD curve (--eval-every) and FD
   against --ref-samples of the teacher's own samples (fd_teacher; 5000 in the full budget).
-  Per lab: 3 methods x 4 variants x 2 K + 2 (DMD2 K = 1) = 26 cells; x 2 labs x 5 seeds = 260 runs.
+  Per lab: 3 methods x 4 variants x 2 K + 2 (DMD2 +reflect) + 2 (DMD2 K = 1) = 28 cells; x 2 labs x
+  5 seeds = 280 runs.
 
 BUDGET "full" (per-script flags in BUDGETS): PD 100 iterations per stage, LCM 500 iterations, DMD2
 1200 iterations at batch 32, each where its baseline's FD curve has flattened (fd_curves.png). DMD2
@@ -43,7 +46,7 @@ every 150 iterations: 1.88, 1.08, 0.46, 0.50, 0.41, 0.35, then 0.16..0.39 up to 
 seed); an earlier budget of 300 iterations stopped in the middle of that fall, so runs made under it
 are stale (see below). Measured wall time per run at --jobs 2 on this 2-core CPU (one thread each, median over
 the runs so far): PD 150 s / LCM 200 s unconditional, 240 s / 460 s guided (K = 4). The whole grid
-is about 15 hours; run it in parts (--lab, --only, --ks, --variants, --seeds), each rerun resumes.
+is about 17 hours; run it in parts (--lab, --only, --ks, --variants, --seeds), each rerun resumes.
 results.json records each run's wall time (bench_wall.json in its folder). Iterations/s come from
 each run's own training loop; with --jobs > 1 runs share the CPU, so compare costs only at --jobs 1,
 and run nothing else meanwhile.
@@ -84,7 +87,7 @@ import harness as H  # noqa: E402
 
 @dataclass
 class Config:
-    budget: str = "full"           # full (~15 h on a 2-core CPU, in parts) or smoke (tests)
+    budget: str = "full"           # full (~17 h on a 2-core CPU, in parts) or smoke (tests)
     seeds: list = field(default_factory=lambda: [0, 1, 2, 3, 4])
     out: str = "bench/results"     # results.json, table.md, *.png
     runs_dir: str = ""             # the runs' --out folders; "" = bench/out/<budget>
@@ -114,8 +117,10 @@ DDIL = (0.5, 0, 0.5)
 VARIANTS = {"baseline": ("baseline", "none", 0.0), "+DDIL": ("ddil", "none", 0.0),
             "+DDIL+reflect": ("ddil", "reflect", 0.0), "+DDIL mixed": ("ddil", "none", 0.5)}
 STEPS = (2, 4)
-# extra (method, K): variants; at K = 1 every input is noise, so only the bound can differ
-EXTRA = {("dmd2", 1): {"baseline": ("baseline", "none", 0.0), "+reflect": ("baseline", "reflect", 0.0)}}
+# extra (method, K): variants beside VARIANTS; DMD2's "+reflect", (0, 0, 1) + reflect, is its default
+EXTRA = {("dmd2", 1): {"baseline": ("baseline", "none", 0.0), "+reflect": ("baseline", "reflect", 0.0)},
+         ("dmd2", 2): {"+reflect": ("baseline", "reflect", 0.0)},
+         ("dmd2", 4): {"+reflect": ("baseline", "reflect", 0.0)}}
 METRICS = ("fd", "kid", "fd_teacher", "kid_teacher", "paired_px", "paired_feat", "precision", "recall",
            "entropy", "cond_acc")
 COMPARED = ("fd", "fd_teacher", "paired_px", "shift_ratio")  # paired against the baseline

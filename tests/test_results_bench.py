@@ -51,8 +51,9 @@ def test_paired_ci_known_interval(monkeypatch):
 
 def test_plan_grid_and_flags():
     cells, runs = R.plan(R.H.parse_config(R.Config, []))
-    # 2 labs x 3 methods x 4 variants x K in {2, 4} + DMD2 K = 1 (baseline, +reflect) per lab; 5 seeds
-    assert len(cells) == 2 * (3 * 4 * 2 + 2) == 52 and len(runs) == 52 * 5 == 260
+    # per lab: 3 methods x 4 variants x K in {2, 4} + DMD2's +reflect at K = 2, 4 + DMD2 K = 1
+    # (baseline, +reflect); 2 labs, 5 seeds
+    assert len(cells) == 2 * (3 * 4 * 2 + 2 + 2) == 56 and len(runs) == 56 * 5 == 280
     assert all(sorted(c["runs"]) == [0, 1, 2, 3, 4] for c in cells.values())
     assert {c["variant"] for c in cells.values() if c["steps"] == 1} == {"baseline", "+reflect"}
     assert {c["method"] for c in cells.values() if c["steps"] == 1} == {"dmd2"}
@@ -82,14 +83,16 @@ def test_plan_grid_and_flags():
     for method in ("pd", "dmd2"):
         f = flags(f"cond {method} K=2 +DDIL+reflect")
         assert f["--cond"] is True and f["--guidance"] == "2" and f["--bound"] == "reflect"
-    f = flags("cond dmd2 K=1 +reflect")
-    assert (f["--steps"], f["--beta-student"], f["--bound"]) == ("1", "1", "reflect")
+    for steps in (1, 2, 4):  # DMD2's default, (0, 0, 1) + reflect, at every K
+        f = flags(f"cond dmd2 K={steps} +reflect")
+        assert (f["--steps"], f["--beta-data"], f["--beta-student"], f["--bound"]) == (str(steps), "0", "1", "reflect")
+    assert not any(c["variant"] == "+reflect" and c["method"] != "dmd2" for c in cells.values())
     assert all(flags(label)["--sample-bound"] == "clip" and "--eval-every" in flags(label) for label in cells)
     # every run has its own folder
     assert len(set(runs)) == len(runs)
     # the filters, and the teachers per lab
     cells, runs = R.plan(R.H.parse_config(R.Config, ["--lab", "cond", "--only", "dmd2,lcm", "--seeds", "7"]))
-    assert len(cells) == 2 * 4 * 2 + 2 and {c["lab"] for c in cells.values()} == {"cond"}
+    assert len(cells) == 2 * 4 * 2 + 2 + 2 and {c["lab"] for c in cells.values()} == {"cond"}
     assert {c["method"] for c in cells.values()} == {"lcm", "dmd2"} and all(n.endswith("-s7") for n in runs)
     cfg = R.H.parse_config(R.Config, ["--teacher", "u.pt", "--teacher-cond", "c.pt", "--budget", "smoke"])
     name = next(iter(runs))
