@@ -563,8 +563,8 @@ COLORS = {"baseline": "tab:blue", "+DDIL": "tab:orange", "+DDIL+reflect": "tab:g
 
 
 def plots(res, out):
-    """fd_curves.png and covariate_shift.png, a panel per (lab, method) at the largest K (80 dpi);
-    skipped without matplotlib."""
+    """fd_curves.png and covariate_shift.png: a panel per (lab, K, method), a row per (lab, K)
+    (80 dpi); skipped without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -572,25 +572,26 @@ def plots(res, out):
     except ImportError:
         print("plots skipped: pip install matplotlib", flush=True)
         return []
-    k = max(STEPS)
     panels = {}
     for label, c in res["cells"].items():
-        if c["steps"] == k:
-            panels.setdefault((c["lab"], c["method"]), []).append(label)
+        panels.setdefault((c["lab"], c["steps"], c["method"]), []).append(label)
     written = []
     for fname, ylabel in (("fd_curves.png", "FD during training"), ("covariate_shift.png", "err_own / err_data")):
         keys = [pk for pk in panels if any(res["fd_curves" if fname == "fd_curves.png" else "covariate_shift"]
                                            .get(label) for label in panels[pk])]
         if not keys:
             continue
-        labs = [lab for lab in LABS if any(pk[0] == lab for pk in keys)]
-        methods = [m for m in SCRIPTS if any(pk[1] == m for pk in keys)]
-        fig, axes = plt.subplots(len(labs), len(methods), figsize=(3.3 * len(methods), 2.8 * len(labs)),
+        rows = sorted({pk[:2] for pk in keys}, key=lambda r: (list(LABS).index(r[0]), -r[1]))
+        methods = [m for m in SCRIPTS if any(pk[2] == m for pk in keys)]
+        fig, axes = plt.subplots(len(rows), len(methods), figsize=(3.3 * len(methods), 2.8 * len(rows)),
                                  squeeze=False)
-        for (lab, method), labels in panels.items():
-            if (lab, method) not in keys:
+        for ax in axes.flat:
+            ax.set_axis_off()  # until a panel draws on it (DMD2 alone has K = 1)
+        for (lab, k, method), labels in panels.items():
+            if (lab, k, method) not in keys:
                 continue
-            ax = axes[labs.index(lab)][methods.index(method)]
+            ax = axes[rows.index((lab, k))][methods.index(method)]
+            ax.set_axis_on()
             for label in labels:
                 v, color = res["cells"][label]["variant"], COLORS.get(res["cells"][label]["variant"])
                 if fname == "fd_curves.png":
