@@ -45,7 +45,8 @@ every 150 iterations: 1.88, 1.08, 0.46, 0.50, 0.41, 0.35, then 0.16..0.39 up to 
 1000 samples 0.19 at 3000 iterations, against 0.15 for the benchmark's 1200-iteration run of the same
 seed); an earlier budget of 300 iterations stopped in the middle of that fall, so runs made under it
 are stale (see below). Measured wall time per run at --jobs 2 on this 2-core CPU (one thread each, median over
-the runs so far): PD 150 s / LCM 200 s unconditional, 240 s / 460 s guided (K = 4). The whole grid
+the 10 baseline and +DDIL runs of a cell), unconditional / guided: K = 2 PD 145 / 150 s, LCM 220 / 250 s,
+DMD2 350 / 345 s; K = 4 PD 145 / 240 s, LCM 210 / 460 s, DMD2 375 / 375 s. The whole grid
 is about 17 hours; run it in parts (--lab, --only, --ks, --variants, --seeds), each rerun resumes.
 results.json records each run's wall time (bench_wall.json in its folder). Iterations/s come from
 each run's own training loop; with --jobs > 1 runs share the CPU, so compare costs only at --jobs 1,
