@@ -246,3 +246,27 @@ def test_smoke_two_runs_end_to_end(tiny_teacher, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match=r"2 runs in .* were made with other flags \(uncond-lcm-K2-b1_0_0-none-s0: "
                                          r"iters 3, now 4, \.\.\.\): move them away"):
         R.main(argv)
+
+
+def test_plots_have_a_row_per_lab_and_k(tmp_path, monkeypatch):
+    """Every trained K gets its own row of panels (DMD2 alone at K = 1), labs first, larger K first."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    cells = {f"{lab} {m} K={k} baseline": {"lab": lab, "method": m, "steps": k, "variant": "baseline"}
+             for lab, m, k in (("uncond", "lcm", 4), ("uncond", "lcm", 2), ("uncond", "dmd2", 1),
+                               ("cond", "pd", 4))}
+    shift = {"t": [1.0, 0.5], "ratio": [{"mean": 1.0, "std": 0.1}, {"mean": 1.2, "std": 0.1}]}
+    res = {"cells": cells, "fd_curves": {label: {0: [(10, 1.0), (20, 0.5)]} for label in cells},
+           "covariate_shift": {label: shift for label in cells}}
+    figures = []
+    subplots = plt.subplots
+
+    def spy(*args, **kwargs):
+        figures.append(subplots(*args, **kwargs))
+        return figures[-1]
+    monkeypatch.setattr(plt, "subplots", spy)
+    assert len(R.plots(res, str(tmp_path))) == 2
+    for fig, axes in figures:
+        assert axes.shape == (4, 3)  # rows: uncond K = 4, 2, 1; cond K = 4; columns: pd, lcm, dmd2
+        titles = [[ax.get_title() if ax.axison else "" for ax in row] for row in axes]
+        assert titles == [["", "uncond lcm, K = 4", ""], ["", "uncond lcm, K = 2", ""],
+                          ["", "", "uncond dmd2, K = 1"], ["cond pd, K = 4", "", ""]]
