@@ -270,3 +270,4 @@ def test_plots_have_a_row_per_lab_and_k(tmp_path, monkeypatch):
         titles = [[ax.get_title() if ax.axison else "" for ax in row] for row in axes]
         assert titles == [["", "uncond lcm, K = 4", ""], ["", "uncond lcm, K = 2", ""],
                           ["", "", "uncond dmd2, K = 1"], ["cond pd, K = 4", "", ""]]
+        assert [[ax.axison for ax in row] for row in axes] == [[t != "" for t in row] for row in titles]
