@@ -271,3 +271,21 @@ def test_plots_have_a_row_per_lab_and_k(tmp_path, monkeypatch):
         assert titles == [["", "uncond lcm, K = 4", ""], ["", "uncond lcm, K = 2", ""],
                           ["", "", "uncond dmd2, K = 1"], ["cond pd, K = 4", "", ""]]
         assert [[ax.axison for ax in row] for row in axes] == [[t != "" for t in row] for row in titles]
+
+
+def test_x0_range_reads_the_denoisers_clean_image():
+    # a denoiser whose x0_hat is known: v = (alpha x - x0) / sigma gives back x0 at every step.
+    # Half the pixels at 1.5, half at 0: share outside 0.5, mean excess 0.25, max 1.5, per step.
+    import torch
+    import x0_range as X
+    import common as C
+    x0 = torch.zeros(4, 1, 8, 8)
+    x0[..., :4] = 1.5
+
+    def denoise(x, t):
+        alpha, sigma = C.alpha_sigma(t[0])
+        return (alpha * x - x0) / sigma
+    rows = X.x0_range(denoise, torch.randn(4, 1, 8, 8), C.time_grid(4))
+    assert [r[0] for r in rows] == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    for _, share, excess, top in rows:
+        assert (share, excess, top) == pytest.approx((0.5, 0.25, 1.5), abs=1e-4)
