@@ -48,10 +48,12 @@ Choices and deviations (DMD2 code: tianweiy/DMD2):
   G's sample and the teacher's DDIM sample from the same x_t (teacher_substeps steps per student
   step down to 0): G is trained to sample, so the teacher's *sample* from that state, not its
   one-step x0 mean, is the label it should imitate.
-- Defaults: DDIL's reflection on DMD2's own inputs, betas (0, 0, 1) + --bound reflect, the best
-  DMD2 variant of the earlier three-seed digits benchmark, measured before evaluation used the
-  published clipping sampler throughout (bench/results/README.md); bench/results.py remeasures it
-  ("+reflect") against the baseline at K = 1, 2 and 4 in both labs.
+- Defaults: DDIL's reflection on DMD2's own inputs, betas (0, 0, 1) + --bound reflect, chosen
+  on the earlier three-seed digits benchmark, which evaluated the baseline unclipped. Remeasured
+  with the published clipping sampler (bench/results.py, 5 seeds, paired), it is *worse* than
+  DMD2 as published (--bound none): FD +0.091 [+0.035, +0.147] guided at K = 4, +0.128 [+0.100,
+  +0.157] unconditionally at K = 2, unresolved in the other two cells (bench/results/README.md).
+  It stays the default as DDIL's recipe for DMD2; for DMD2 itself pass --bound none.
 
     python dmd2_ddil.py                        # digits, CPU, 4-step G: DMD2 + reflection
     python dmd2_ddil.py --beta-data 0.5 --beta-student 0.5        # + DDIL's data states
@@ -92,7 +94,7 @@ class Config:
     head_warmup: int = 300         # iterations fitting that v head to the teacher first
     cond: bool = False             # the default teacher is the class-conditional one
     steps: int = 4                 # K, G's sampling steps
-    beta_data: float = 0.0         # measured best on digits: DMD2's own inputs + reflect
+    beta_data: float = 0.0         # DDIL's reflection on DMD2's own inputs (see the docstring)
     beta_teacher: float = 0.0      # (module docstring, bench/results/table.md)
     beta_student: float = 1.0
     beta_ramp: float = 0.0         # beta_student rises from 0 over this fraction of training
