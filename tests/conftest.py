@@ -12,6 +12,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+@pytest.fixture
+def all_cores():
+    """Every core for one in-process test of a large network (the presets' U-Nets): nothing else
+    runs beside it, and torch's intra-op threads nearly halve its time on 2 cores."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory):
     """A digits teacher trained for a few iterations: a real checkpoint, in seconds."""

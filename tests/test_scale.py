@@ -1,5 +1,5 @@
-"""Large-scale paths on CPU: teacher.py at the cifar10 / imagenet64 presets on fake data in the
-real formats; the methods at the cifar10 preset through bench/gpu_check.py's dry run and their
+"""Large-scale paths on CPU: teacher.py at the imagenet64 preset on fake data in the real format;
+teacher.py and the methods at the cifar10 preset through bench/gpu_check.py's dry run and their
 imagenet64 presets (model build + one forward/backward); gradient accumulation and the compile
 fallback; bench/kernel.py's dry run; the Triton kernel (interpreted) against torch."""
 import json
@@ -20,26 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-def test_teacher_cifar10_preset(tmp_path):
-    """Two iterations of the cifar10 preset (the ~35M U-Net, reduced batch) on CIFAR pickles."""
-    write_cifar10(tmp_path / "data", n_per_batch=2)
-    out = tmp_path / "out"
-    teacher.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--out", str(out),
-                  "--iters", "2", "--batch-size", "2", "--sample-steps", "2", "--sample-count", "2",
-                  "--device", "cpu", "--log-every", "1"])
-    ck = H.load_checkpoint(str(out / "ckpt.pt"))
-    assert ck["step"] == 2 and ck["model_config"] == C.build_unet("cifar10").config
-    assert ck["config"]["lr"] == teacher.PRESETS["cifar10"]["lr"] and ck["config"]["batch_size"] == 2
-    logs = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert [r["step"] for r in logs] == [1, 2] and all(r["loss"] == r["loss"] for r in logs)
-    # the optimiser moved the weights (the output conv starts at zero in every U-Net)
-    assert ck["model"]["out.2.weight"].abs().sum() > 0
-    assert (out / "samples.png").stat().st_size > 0
-    shutil.rmtree(out)  # pytest keeps the last runs' tmp dirs: don't leave checkpoints behind
-
-
-@pytest.mark.slow
-def test_teacher_imagenet64_preset(tmp_path):
+def test_teacher_imagenet64_preset(tmp_path, all_cores):
     """One iteration of the imagenet64 preset (the class-conditional ADM-width U-Net) at batch 2
     on npz batches."""
     write_imagenet64_npz(tmp_path / "data", sizes=(2, 2))
@@ -164,14 +145,15 @@ def load_bench(name):
 
 
 @pytest.mark.slow
-def test_gpu_check_dry(tmp_path):
-    """bench/gpu_check.py --dry: the kernel bench, then teacher.py and every method at the cifar10
-    preset (the ~38M U-Net, batch 2, 2 iterations, tiny evaluation) on CIFAR pickles; one table."""
+def test_gpu_check_dry(tmp_path, all_cores):
+    """bench/gpu_check.py --dry: teacher.py and every method at the cifar10 preset (the ~38M U-Net,
+    batch 2, 2 iterations, tiny evaluation) on CIFAR pickles; one table. (Its first part, the
+    kernel bench, has its own dry-run test below.)"""
     import dmd2_ddil
     import lcm_ddil
     import pd_ddil
     gpu_check = load_bench("gpu_check")
-    rows = gpu_check.main(["--dry", "--workdir", str(tmp_path), "--out", str(tmp_path / "rows.json")])
+    rows = gpu_check.main(["--dry", "--no-kernel", "--workdir", str(tmp_path), "--out", str(tmp_path / "rows.json")])
     assert [r["script"] for r in rows] == list(gpu_check.SCRIPTS)
     for r in rows:
         assert r["error"] == "" and r["it_per_s"] > 0 and r["batch"] == 2, r
@@ -186,11 +168,20 @@ def test_gpu_check_dry(tmp_path):
             {k: cifar[k] for k in ("ch", "ch_mult", "num_res", "resolution")}
         assert all(torch.isfinite(v).all() for v in ck["net" if name != "teacher" else "model"].values()
                    if v.is_floating_point())
+    # teacher.py at the preset: every iteration logged, the optimiser moved the weights (the
+    # output conv starts at zero in every U-Net), a sample grid
+    logs = [json.loads(line) for line in open(tmp_path / "teacher-10" / "log.jsonl")]
+    assert [r["step"] for r in logs] == [1, 2] and all(r["loss"] == r["loss"] for r in logs)
+    assert H.load_checkpoint(str(tmp_path / "teacher-10" / "ckpt.pt"))["model"]["out.2.weight"].abs().sum() > 0
+    assert (tmp_path / "teacher-10" / "samples.png").stat().st_size > 0
     for name in ("lcm_ddil", "dmd2_ddil"):  # these two evaluate at the end, whatever --iters
         m = json.load(open(tmp_path / f"{name}-10" / "metrics.json"))
         assert m["config"]["dataset"] == "cifar10" and m["student"]
     saved = json.load(open(tmp_path / "rows.json"))
     assert saved["device"] == "cpu" and [r["script"] for r in saved["rows"]] == list(gpu_check.SCRIPTS)
+    for d in tmp_path.iterdir():  # pytest keeps the last runs' tmp dirs: don't leave 38M checkpoints
+        if d.is_dir():
+            shutil.rmtree(d)
 
 
 def test_method_presets_follow_the_published_recipes():
@@ -219,7 +210,7 @@ def test_method_presets_follow_the_published_recipes():
 
 
 @pytest.mark.slow
-def test_imagenet64_student_forward_backward():
+def test_imagenet64_student_forward_backward(all_cores):
     """The methods' imagenet64 network (the ADM-width U-Net, class- and guidance-conditional as
     LCM's student): one forward/backward at batch 1 gives finite gradients everywhere used.
     (The full method scripts at this preset need a teacher checkpoint of this size: minutes of CPU
