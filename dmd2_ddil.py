@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common as C
+import evaluate as E
 import harness as H
 import published as P
 from teacher import load_teacher
@@ -293,7 +294,8 @@ def check(cfg):
     """One-line errors for bad flags, before any work; returns the betas."""
     H.check_positive(cfg, "iters", "batch_size", "log_every", "ckpt_every", "steps", "buffer_size",
                      "refresh", "refresh_every", "reference_steps", "teacher_substeps",
-                     "fake_updates", "eval_samples", "shift_samples", "sim_staleness")
+                     "fake_updates", "shift_samples", "sim_staleness")
+    E.check_sample_counts(cfg)
     if cfg.gan_weight < 0 or cfg.disc_weight < 0 or cfg.guidance < 0:
         H.fail("--gan-weight, --disc-weight and --guidance must be >= 0")
     if not 0.0 <= cfg.t_min < cfg.t_max <= 1.0:
@@ -342,7 +344,6 @@ def main(argv=None):
     def new_trajectories(n):  # noise and labels of n fresh rollouts
         return torch.randn(n, *shape, device=device), C.random_labels(n, nc, device)
 
-    import evaluate as E  # after init_dist: evaluation splits sampling over ranks
     # G is sampled plainly (w = 0): it has learnt the guided real score's distribution
     protocol = dict(dataset=cfg.dataset, bound=cfg.sample_bound, seed=cfg.seed, device=device,
               data_dir=cfg.data_dir, w=0.0)

@@ -101,7 +101,22 @@ def _covered(points, centres, radii, chunk=4096):
                       for i in range(0, len(points), chunk)])
 
 
-def precision_recall(real, fake, k=3):
+PR_K = 3  # precision / recall's neighbourhood: each sample's 3rd nearest neighbour (Kynkaanniemi et al.)
+MIN_SAMPLES = PR_K + 1
+
+
+def check_sample_counts(cfg):
+    """One-line error for a sample count the metrics cannot use: each of cfg's eval_samples,
+    stage_eval_samples, eval_every_samples and ref_samples (0: off) needs PR_K + 1 samples."""
+    for name in ("eval_samples", "stage_eval_samples", "eval_every_samples", "ref_samples"):
+        n = getattr(cfg, name, MIN_SAMPLES)
+        if n < MIN_SAMPLES and not (name == "ref_samples" and n == 0):
+            H.fail(f"--{name.replace('_', '-')} must be at least {MIN_SAMPLES}"
+                   f"{' (or 0: off)' if name == 'ref_samples' else ''}: precision and recall use "
+                   f"each sample's {PR_K}rd nearest neighbour; got {n}")
+
+
+def precision_recall(real, fake, k=PR_K):
     """Kynkaanniemi et al. 2019: the real manifold is the union of balls around real points with
     radius = distance to the k-th nearest real neighbour; precision = share of fake points on it.
     Recall swaps the roles."""

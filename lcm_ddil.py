@@ -42,6 +42,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common as C
+import evaluate as E
 import harness as H
 import published as P
 from teacher import load_teacher
@@ -237,9 +238,10 @@ def train_step(net, student, target, teacher, opt, x, t, y, w, cfg):
 
 
 def check(cfg):
-    H.check_positive(cfg, "iters", "batch_size", "log_every", "ckpt_every", "eval_samples",
+    H.check_positive(cfg, "iters", "batch_size", "log_every", "ckpt_every",
                      "buffer_size", "refresh", "refresh_every", "reference_steps", "grad_accum",
                      "shift_samples")
+    E.check_sample_counts(cfg)
     if cfg.batch_size % cfg.grad_accum:
         H.fail(f"--batch-size {cfg.batch_size} is not a multiple of --grad-accum {cfg.grad_accum}")
     if not 0 <= cfg.target_ema < 1:
@@ -285,7 +287,6 @@ def main(argv=None):
         return (torch.randn(n, *shape, device=device), C.random_labels(n, nc, device),
                 guidance_weights(n, *w_range, device))
 
-    import evaluate as E  # after init_dist: evaluation splits sampling over ranks
     protocol = dict(dataset=cfg.dataset, bound=cfg.sample_bound, seed=cfg.seed, device=device,
               data_dir=cfg.data_dir, w=w_eval)
     batches = H.Batches(data, cfg.batch_size, cfg.seed, rank, world, device)

@@ -47,6 +47,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common as C
+import evaluate as E
 import harness as H
 import published as P
 from teacher import load_teacher
@@ -208,8 +209,9 @@ def check(cfg):
     """One-line errors for bad flags, before any work; returns (the stages' step counts, betas)."""
     stages = stage_steps(cfg.teacher_steps, cfg.steps)
     H.check_positive(cfg, "iters_per_stage", "batch_size", "buffer_size", "refresh",
-                     "eval_samples", "stage_eval_samples", "shift_samples", "ckpt_every",
+                     "shift_samples", "ckpt_every",
                      "log_every", "grad_accum", "reference_steps")
+    E.check_sample_counts(cfg)
     if cfg.batch_size % cfg.grad_accum:
         H.fail(f"--batch-size {cfg.batch_size} is not a multiple of --grad-accum {cfg.grad_accum}")
     if cfg.iters < 0 or cfg.refresh_every < 0 or cfg.lr <= 0 or cfg.guidance < 0:
@@ -251,7 +253,6 @@ def main(argv=None):
               f"{ips} iterations each; batch {cfg.batch_size} x {world}, betas {betas} "
               f"(data, teacher, student); bound {cfg.bound}" + (f"; guidance w {w_guide:g}" if nc else "")
               + f"; {device}", flush=True)
-    import evaluate as E  # after init_dist: evaluation splits sampling over ranks
     # the student is sampled plainly (w = 0): it has learnt the guided teacher's steps
     protocol = dict(dataset=cfg.dataset, bound=cfg.sample_bound, seed=cfg.seed, device=device,
               data_dir=cfg.data_dir, w=0.0)

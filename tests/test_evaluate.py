@@ -87,6 +87,25 @@ def test_kid_zero_for_same_distribution_positive_for_shifted():
     assert sub != E.kid(a, b, num_subsets=20, subset_size=300, max_full=0, seed=1)  # really subsets
 
 
+@pytest.mark.parametrize("name,flag", [("pd_ddil", "--stage-eval-samples"), ("lcm_ddil", "--eval-samples"),
+                                       ("dmd2_ddil", "--eval-every-samples"), ("lcm_ddil", "--ref-samples")])
+def test_too_few_evaluation_samples_is_a_one_line_error(name, flag, tmp_path):
+    """Precision / recall need each sample's PR_K-th neighbour: the smallest count every metric can
+    use is MIN_SAMPLES, and a smaller one stops each script before any work (not at its end with
+    kthvalue's error)."""
+    import importlib
+    a = torch.randn(E.MIN_SAMPLES, 5, generator=torch.Generator().manual_seed(0))
+    assert all(math.isfinite(v) for v in E.compare(a, a + 0.5).values())
+    with pytest.raises(RuntimeError, match="kthvalue"):
+        E.compare(a[1:], a[1:] + 0.5)
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(name).main([flag, str(E.MIN_SAMPLES - 1), "--out", str(tmp_path / "run"),
+                                            "--teacher", str(tmp_path / "none.pt")])  # past the check: fails fast
+    msg = str(e.value)
+    assert msg.startswith(f"error: {flag} must be at least {E.MIN_SAMPLES}") and "\n" not in msg, msg
+    assert not (tmp_path / "run").exists()
+
+
 def test_precision_recall_constructed():
     # real: 100 points on a line, spacing 1 -> 3rd-NN radius 2 inside, 3 at the two ends
     real = torch.stack([torch.arange(100.0), torch.zeros(100)], 1)

@@ -14,7 +14,7 @@ import torch
 import common as C
 import harness as H
 import teacher
-from test_data import write_cifar10, write_imagenet64_npz
+from test_data import write_imagenet64_npz
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
