@@ -597,6 +597,8 @@ def plots(res, out):
                 v, color = res["cells"][label]["variant"], COLORS.get(res["cells"][label]["variant"])
                 if fname == "fd_curves.png":
                     curves = [c for c in res["fd_curves"].get(label, {}).values() if c]
+                    if not curves:  # a variant with no finished run yet: no line, no legend entry
+                        continue
                     by_step = {}  # the seeds' mean and min..max at each evaluated iteration
                     for step, fd in (point for curve in curves for point in curve):
                         by_step.setdefault(step, []).append(fd)

@@ -257,6 +257,9 @@ def test_plots_have_a_row_per_lab_and_k(tmp_path, monkeypatch):
     shift = {"t": [1.0, 0.5], "ratio": [{"mean": 1.0, "std": 0.1}, {"mean": 1.2, "std": 0.1}]}
     res = {"cells": cells, "fd_curves": {label: {0: [(10, 1.0), (20, 0.5)]} for label in cells},
            "covariate_shift": {label: shift for label in cells}}
+    # a variant with no finished run yet: in the grid's cells, no curve, no legend entry
+    cells["uncond lcm K=4 +DDIL"] = {"lab": "uncond", "method": "lcm", "steps": 4, "variant": "+DDIL"}
+    res["fd_curves"]["uncond lcm K=4 +DDIL"] = {0: []}
     figures = []
     subplots = plt.subplots
 
@@ -271,6 +274,8 @@ def test_plots_have_a_row_per_lab_and_k(tmp_path, monkeypatch):
         assert titles == [["", "uncond lcm, K = 4", ""], ["", "uncond lcm, K = 2", ""],
                           ["", "", "uncond dmd2, K = 1"], ["cond pd, K = 4", "", ""]]
         assert [[ax.axison for ax in row] for row in axes] == [[t != "" for t in row] for row in titles]
+    legend = [t.get_text() for t in figures[0][1][0][1].get_legend().get_texts()]
+    assert legend == ["baseline (n = 1)"]
 
 
 def test_x0_range_reads_the_denoisers_clean_image():
