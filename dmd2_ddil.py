@@ -48,12 +48,13 @@ Choices and deviations (DMD2 code: tianweiy/DMD2):
   G's sample and the teacher's DDIM sample from the same x_t (teacher_substeps steps per student
   step down to 0): G is trained to sample, so the teacher's *sample* from that state, not its
   one-step x0 mean, is the label it should imitate.
-- Defaults: DDIL's reflection on DMD2's own inputs, betas (0, 0, 1) + --bound reflect, chosen
-  on the earlier three-seed digits benchmark, which evaluated the baseline unclipped. Remeasured
-  with the published clipping sampler (bench/results.py, 5 seeds, paired), it is *worse* than
-  DMD2 as published (--bound none): FD +0.091 [+0.035, +0.147] guided at K = 4, +0.128 [+0.100,
-  +0.157] unconditionally at K = 2, unresolved in the other two cells (bench/results/README.md).
-  It stays the default as DDIL's recipe for DMD2; for DMD2 itself pass --bound none.
+- Defaults: DDIL's reflection on DMD2's own inputs, betas (0, 0, 1) + --bound reflect. Measured
+  against DMD2 as published (--bound none) with the clipping sampler (bench/results.py, 5 seeds,
+  paired): *better* for a one-step G, where the bound acts only on G's output (FD -0.038 [-0.061,
+  -0.015] unconditional, -0.093 [-0.182, -0.005] guided); *worse* in one lab at K = 2 (+0.128
+  [+0.100, +0.157] unconditional) and at K = 4 (+0.091 [+0.035, +0.147] guided), where it also
+  folds G's training states; unresolved in the other two cells (bench/results/README.md). So keep
+  it for --steps 1, and pass --bound none for a multi-step G.
 
     python dmd2_ddil.py                        # digits, CPU, 4-step G: DMD2 + reflection
     python dmd2_ddil.py --beta-data 0.5 --beta-student 0.5        # + DDIL's data states
