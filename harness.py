@@ -3,9 +3,11 @@ checkpoints, logging and images. Nothing here is part of a method; common.py hol
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -32,29 +34,43 @@ def parse_config(cls, argv=None, presets=None):
     presets: {dataset: {field: value}} applied as defaults once --dataset is known, so
     `--dataset cifar10` switches model size, batch, lr, ... and explicit flags still win.
     """
-    parser = argparse.ArgumentParser(
-        description=(sys.modules["__main__"].__doc__ or "").split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    doc = (sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0]  # the script's first paragraph
+    parser = argparse.ArgumentParser(description=" ".join(doc.split()),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.error = lambda msg: fail(f"{msg} (see --help)")  # one line, no usage dump
+    notes = field_comments(cls)
     for f in dataclasses.fields(cls):
         flag, default = "--" + f.name.replace("_", "-"), f.default
         if f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         typ = f.type
+        help = notes.get(f.name, "").replace("%", "%%") or "(default: %(default)s)"
         if typ is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
         elif isinstance(default, (list, tuple)):
             elem = type(default[0]) if default else float
-            parser.add_argument(flag, type=elem, nargs="+", default=default)
+            parser.add_argument(flag, type=elem, nargs="+", default=default, help=help)
         else:
             choices = getattr(cls, "CHOICES", {}).get(f.name)
             parser.add_argument(flag, type=typ if default is not None else str, default=default,
-                                choices=choices)
-    if presets:
-        known, _ = parser.parse_known_args(argv)
-        if getattr(known, "dataset", None) in presets:
-            parser.set_defaults(**presets[known.dataset])
+                                choices=choices, help=help)
+    if presets:  # --dataset first, by a parser without -h: `--dataset cifar10 --help` shows the preset
+        first = argparse.ArgumentParser(add_help=False)
+        first.add_argument("--dataset")
+        first.error = parser.error
+        dataset = first.parse_known_args(argv)[0].dataset
+        if dataset in presets:
+            parser.set_defaults(**presets[dataset])
     return cls(**vars(parser.parse_args(argv)))
+
+
+def field_comments(cls):
+    """{field: the comment on its line} in a config dataclass's source: each flag's --help."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # no source (a frozen or interactive class): flags without help
+        return {}
+    return {m[1]: m[2].strip() for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#(.*)$", source, re.M)}
 
 
 def setup(cfg, script):
