@@ -34,7 +34,8 @@ def parse_config(cls, argv=None, presets=None):
     presets: {dataset: {field: value}} applied as defaults once --dataset is known, so
     `--dataset cifar10` switches model size, batch, lr, ... and explicit flags still win.
     """
-    doc = (sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0]  # the script's first paragraph
+    module = sys.modules.get(cls.__module__)  # (None for a file loaded by path, as the tests load bench/)
+    doc = (getattr(module, "__doc__", None) or "").split("\n\n")[0]  # the script's first paragraph
     parser = argparse.ArgumentParser(description=" ".join(doc.split()),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.error = lambda msg: fail(f"{msg} (see --help)")  # one line, no usage dump
