@@ -45,16 +45,16 @@ def parse_config(cls, argv=None, presets=None):
         if f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         typ = f.type
-        help = notes.get(f.name, "").replace("%", "%%") or "(default: %(default)s)"
+        text = notes.get(f.name, "").replace("%", "%%") or "(default: %(default)s)"
         if typ is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif isinstance(default, (list, tuple)):
             elem = type(default[0]) if default else float
-            parser.add_argument(flag, type=elem, nargs="+", default=default, help=help)
+            parser.add_argument(flag, type=elem, nargs="+", default=default, help=text)
         else:
             choices = getattr(cls, "CHOICES", {}).get(f.name)
             parser.add_argument(flag, type=typ if default is not None else str, default=default,
-                                choices=choices, help=help)
+                                choices=choices, help=text)
     if presets:  # --dataset first, by a parser without -h: `--dataset cifar10 --help` shows the preset
         first = argparse.ArgumentParser(add_help=False)
         first.add_argument("--dataset")
