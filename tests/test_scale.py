@@ -172,7 +172,8 @@ def test_gpu_check_dry(tmp_path, all_cores):
     # output conv starts at zero in every U-Net), a sample grid
     logs = [json.loads(line) for line in open(tmp_path / "teacher-10" / "log.jsonl")]
     assert [r["step"] for r in logs] == [1, 2] and all(r["loss"] == r["loss"] for r in logs)
-    assert H.load_checkpoint(str(tmp_path / "teacher-10" / "ckpt.pt"))["model"]["out.2.weight"].abs().sum() > 0
+    ck = H.load_checkpoint(str(tmp_path / "teacher-10" / "ckpt.pt"))
+    assert ck["model_config"] == cifar and ck["model"]["out.2.weight"].abs().sum() > 0
     assert (tmp_path / "teacher-10" / "samples.png").stat().st_size > 0
     for name in ("lcm_ddil", "dmd2_ddil"):  # these two evaluate at the end, whatever --iters
         m = json.load(open(tmp_path / f"{name}-10" / "metrics.json"))
