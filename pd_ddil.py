@@ -10,10 +10,10 @@ target is the x0 that makes one DDIM step from x_t land on z'':
     (at s = 0: the teacher's last x0_hat)
     loss    = max(SNR_t, 1) * || x0_student - x_tilde ||^2,   x0_student = alpha_t x_t - sigma_t v
 
-DDIL: the batch's states come from a mixture, round(B * beta) of each (common.cat_states of common.replay):
+DDIL: the batch's states come from a mixture, round(B * beta) of each (common.cat_states):
 forward-diffused data at the grid times (beta_data), states of the 2N-step teacher sampler at the
 grid times (beta_teacher), states of the student's own N-step sampler (beta_student); rollouts
-run without grad and go through a MixingBuffer. Original PD: --beta-data 1 --beta-teacher 0
+run without grad and go through a MixingBuffer (common.replay). Original PD: --beta-data 1 --beta-teacher 0
 --beta-student 0 --bound none.
 
 Guidance (class-conditional teachers, as guided PD, Meng et al. 2023): the first stage's teacher
