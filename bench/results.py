@@ -64,7 +64,8 @@ Student's t (n - 1 degrees of freedom), the minimum detectable difference at 80%
 fd_teacher, paired_px (null for re-noising samplers at K > 1: LCM, DMD2) and the covariate-shift
 ratio err_own / err_data at the last grid time (the smallest t). Lower is better for the three
 distances: "better" / "worse" only when the interval excludes 0, else "no difference"; for the
-ratio "lower" / "higher" (1 = no covariate shift).
+ratio "lower" / "higher" (1 = no covariate shift). +DDIL+reflect and +DDIL mixed are also paired
+against +DDIL (vs_ddil): that difference is the effect of the training bound, of the mixed rollouts.
 
 A rerun checks itself against committed numbers (mean inside the committed [min, max] over seeds):
     python bench/results.py --runs-dir /tmp/rerun --out /tmp/rerun-results --check bench/results/results.json
@@ -125,6 +126,7 @@ EXTRA = {("dmd2", 1): {"baseline": ("baseline", "none", 0.0), "+reflect": ("base
 METRICS = ("fd", "kid", "fd_teacher", "kid_teacher", "paired_px", "paired_feat", "precision", "recall",
            "entropy", "cond_acc")
 COMPARED = ("fd", "fd_teacher", "paired_px", "shift_ratio")  # paired against the baseline
+VS_DDIL = ("+DDIL+reflect", "+DDIL mixed")  # also paired against +DDIL: the effect of reflect, of mixing
 LOWER_IS_BETTER = {"fd": True, "fd_teacher": True, "paired_px": True, "shift_ratio": None}
 
 BUDGETS = {  # per-script flags (labs and variants add theirs)
@@ -442,22 +444,32 @@ def aggregate(cells, runs_dir):
     teacher_ref = {lab: {"n": rs[0]["n"], "steps": rs[0]["steps"], "floor_fd": spread([r["floor_fd"] for r in rs]),
                          "floor_kid": spread([r["floor_kid"] for r in rs])} for lab, rs in ref.items()}
 
-    # every variant against the baseline of the same (lab, method, K), paired by seed
+    # every variant against the baseline of the same (lab, method, K), paired by seed; the +DDIL
+    # variants that change one more thing also against +DDIL, which isolates that thing
     by_cell = {(r["cell"], r["K"]): r for r in rows}
+
+    def paired(c, ref):
+        mv, mr = done(c), done(ref)
+        return {key: compare_by_seed({s: value(m, key, c["steps"]) for s, m in mv.items()},
+                                     {s: value(m, key, c["steps"]) for s, m in mr.items()}, LOWER_IS_BETTER[key])
+                for key in COMPARED}
+
+    def same_cell(c, variant):
+        return next(((n, b) for n, b in cells.items() if b["variant"] == variant and
+                     (b["lab"], b["method"], b["steps"]) == (c["lab"], c["method"], c["steps"])), (None, None))
+
     for label, c in cells.items():
-        if c["variant"] == "baseline":
-            continue
-        base = next((b for b in cells.values() if b["variant"] == "baseline" and
-                     (b["lab"], b["method"], b["steps"]) == (c["lab"], c["method"], c["steps"])), None)
         row = by_cell.get((label, c["steps"]))
-        if base is None or row is None:
+        if c["variant"] == "baseline" or row is None:
             continue
-        mv, mb = done(c), done(base)
-        row["vs_baseline"] = {key: compare_by_seed({s: value(m, key, c["steps"]) for s, m in mv.items()},
-                                                   {s: value(m, key, c["steps"]) for s, m in mb.items()},
-                                                   LOWER_IS_BETTER[key])
-                              for key in COMPARED}
-        b_row = by_cell.get((next(n for n, b in cells.items() if b is base), c["steps"]))
+        _, ddil = same_cell(c, "+DDIL")
+        if c["variant"] in VS_DDIL and ddil:
+            row["vs_ddil"] = paired(c, ddil)
+        b_label, base = same_cell(c, "baseline")
+        if base is None:
+            continue
+        row["vs_baseline"] = paired(c, base)
+        b_row = by_cell.get((b_label, c["steps"]))
         ips_v, ips_b = row.get("it_per_s"), b_row and b_row.get("it_per_s")
         row["cost_ratio"] = ips_b["mean"] / ips_v["mean"] if ips_v and ips_b and ips_v["mean"] else None
 
@@ -544,6 +556,12 @@ def table_md(res):
                     lines += ["", "| variant - baseline | Δ FD | Δ FD vs teacher | Δ paired px | Δ shift ratio |",
                               "|---|---|---|---|---|"]
                     lines += [f"| {r['variant']} | " + " | ".join(fmt_diff(r["vs_baseline"][key])
+                                                                  for key in COMPARED) + " |" for r in diffs]
+                diffs = [r for r in rs if r.get("vs_ddil")]
+                if diffs:
+                    lines += ["", "| variant - +DDIL | Δ FD | Δ FD vs teacher | Δ paired px | Δ shift ratio |",
+                              "|---|---|---|---|---|"]
+                    lines += [f"| {r['variant']} | " + " | ".join(fmt_diff(r["vs_ddil"][key])
                                                                   for key in COMPARED) + " |" for r in diffs]
                 lines.append("")
     if res["teacher"]:

@@ -165,6 +165,8 @@ def test_aggregation_pairs_by_seed(tmp_path, monkeypatch, capsys):
     m_row = rows[("uncond lcm K=4 +DDIL mixed", 4)]
     assert m_row["vs_baseline"]["fd"]["n"] == 1 and m_row["vs_baseline"]["fd"]["verdict"] == "n < 2"
     assert m_row["cost_ratio"] == pytest.approx(2.5)
+    assert m_row["vs_ddil"]["fd"]["mean"] == pytest.approx(1.0)  # against +DDIL's seed 0 (3), not the baseline's
+    assert "vs_ddil" not in d_row
     # K = 1 rows (evaluated, not trained): spreads, no comparison; paired_px there
     assert rows[("uncond lcm K=4 +DDIL", 1)]["paired_px"]["mean"] == 0.5
     assert "vs_baseline" not in rows[("uncond lcm K=4 +DDIL", 1)]
@@ -189,6 +191,7 @@ def test_aggregation_pairs_by_seed(tmp_path, monkeypatch, capsys):
     assert "| +DDIL | -3 [-5.48, -0.516] (n = 3, MDD 3.1) **better** |" in table
     assert "**no difference** | – | -1.13 [-1.51, -0.754] (n = 3, MDD 0.47) **lower** |" in table
     assert "| +DDIL mixed | -1 (n = 1) |" in table
+    assert "| variant - +DDIL |" in table and "| +DDIL mixed | +1 (n = 1) |" in table
     assert "| uncond | 16 | 64 | 0.01" in table
     saved = json.loads((out / "results.json").read_text())
     assert saved["seeds"] == [0, 1, 2, 3] and saved["wall_s"] >= 0 and "runs_wall_s" in saved
