@@ -551,18 +551,13 @@ def table_md(res):
                     lines.append(f"| {r['variant']} | {len(r['seeds'])} | {fmt(r['fd'])} | {fmt(r['fd_teacher'])} | "
                                  f"{fmt(r['paired_px'])} | {fmt(r.get('shift_ratio'))} | {cost} |"
                                  + (f" {fmt(r['cond_acc'])} |" if lab == "cond" else ""))
-                diffs = [r for r in rs if r.get("vs_baseline")]
-                if diffs:
-                    lines += ["", "| variant - baseline | Δ FD | Δ FD vs teacher | Δ paired px | Δ shift ratio |",
-                              "|---|---|---|---|---|"]
-                    lines += [f"| {r['variant']} | " + " | ".join(fmt_diff(r["vs_baseline"][key])
-                                                                  for key in COMPARED) + " |" for r in diffs]
-                diffs = [r for r in rs if r.get("vs_ddil")]
-                if diffs:
-                    lines += ["", "| variant - +DDIL | Δ FD | Δ FD vs teacher | Δ paired px | Δ shift ratio |",
-                              "|---|---|---|---|---|"]
-                    lines += [f"| {r['variant']} | " + " | ".join(fmt_diff(r["vs_ddil"][key])
-                                                                  for key in COMPARED) + " |" for r in diffs]
+                for vs, ref in (("vs_baseline", "baseline"), ("vs_ddil", "+DDIL")):
+                    diffs = [r for r in rs if r.get(vs)]
+                    if diffs:
+                        lines += ["", f"| variant - {ref} | Δ FD | Δ FD vs teacher | Δ paired px | Δ shift ratio |",
+                                  "|---|---|---|---|---|"]
+                        lines += [f"| {r['variant']} | " + " | ".join(fmt_diff(r[vs][key]) for key in COMPARED) + " |"
+                                  for r in diffs]
                 lines.append("")
     if res["teacher"]:
         lines += ["## Teacher DDIM rows (the cond lab guided at w = 2)", "",
