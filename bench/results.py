@@ -49,8 +49,10 @@ the 10 baseline and +DDIL runs of a cell), unconditional / guided: K = 2 PD 145 
 DMD2 350 / 345 s; K = 4 PD 145 / 240 s, LCM 210 / 460 s, DMD2 375 / 375 s. The whole grid
 is about 17 hours; run it in parts (--lab, --only, --ks, --variants, --seeds), each rerun resumes.
 results.json records each run's wall time (bench_wall.json in its folder). Iterations/s come from
-each run's own training loop; with --jobs > 1 runs share the CPU, so compare costs only at --jobs 1,
-and run nothing else meanwhile.
+each run's own training loop (evaluation excluded); with --jobs > 1 runs share the CPU, so compare
+costs only at --jobs 1, and run nothing else meanwhile: --budget cost does that in short runs,
+    python bench/results.py --budget cost --ks 4 --seeds 0 --jobs 1 --out bench/out/cost-results
+whose table.md's cost column is then the clean time per iteration against the baseline.
 
 A finished run is skipped only if its config.json matches the flags the grid would give it now
 (paths aside): run names encode the grid, not the budget, so a run made under other flags stops the
@@ -89,7 +91,7 @@ import harness as H  # noqa: E402
 
 @dataclass
 class Config:
-    budget: str = "full"           # full (~17 h on a 2-core CPU, in parts) or smoke (tests)
+    budget: str = "full"           # full (~17 h on a 2-core CPU, in parts), cost (time per iteration) or smoke (tests)
     seeds: list = field(default_factory=lambda: [0, 1, 2, 3, 4])
     out: str = "bench/results"     # results.json, table.md, *.png
     runs_dir: str = ""             # the runs' --out folders; "" = bench/out/<budget>
@@ -104,7 +106,7 @@ class Config:
     device: str = ""               # passed to every script ("" = their default)
     run: bool = True               # --no-run: only aggregate what is already in --runs-dir
     check: str = ""                # a committed results.json: does this run agree within its spread?
-    CHOICES = {"budget": ("full", "smoke")}
+    CHOICES = {"budget": ("full", "smoke", "cost")}
 
 
 SCRIPTS = {"pd": "pd_ddil.py", "lcm": "lcm_ddil.py", "dmd2": "dmd2_ddil.py"}
@@ -146,6 +148,13 @@ BUDGETS = {  # per-script flags (labs and variants add theirs)
                        "--teacher-substeps", "2", "--fake-updates", "2", "--eval-samples", "32",
                        "--reference-steps", "8", "--shift-samples", "8", "--ref-samples", "16", "--log-every", "1",
                        "--eval-every", "2", "--eval-every-samples", "16"]},
+    # time per iteration only (at --jobs 1, nothing else running): the full budget's training flags
+    # for a tenth to a fifth of its iterations, evaluation cut to the least; its FDs mean nothing
+    "cost": {"pd": ["--iters-per-stage", "25", "--eval-samples", "64", "--stage-eval-samples", "16",
+                    "--shift-samples", "64", "--ref-samples", "64"],
+             "lcm": ["--iters", "120", "--eval-samples", "64", "--shift-samples", "64", "--ref-samples", "64"],
+             "dmd2": ["--iters", "240", "--batch-size", "32", "--teacher-substeps", "4", "--eval-samples", "64",
+                      "--shift-samples", "64", "--ref-samples", "64"]},
 }
 # Student's t quantiles for df = 1..30 (scipy.stats.t.ppf), used when scipy is not installed
 T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.306, 2.2622, 2.2281, 2.201, 2.1788,
@@ -631,7 +640,8 @@ def plots(res, out):
                     if not ax.xaxis_inverted():
                         ax.invert_xaxis()  # sampling order: t = 1 first
             ax.set(title=f"{lab} {method}, K = {k}", ylabel=ylabel)
-            ax.legend(fontsize=6)
+            if ax.get_legend_handles_labels()[0]:  # runs without FD curves (--budget cost) draw none
+                ax.legend(fontsize=6)
         fig.tight_layout()
         written.append(os.path.join(out, fname))
         fig.savefig(written[-1], dpi=80)

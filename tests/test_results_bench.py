@@ -104,6 +104,22 @@ def test_plan_grid_and_flags():
         R.plan(R.H.parse_config(R.Config, ["--lab", "imagenet"]))
 
 
+
+def test_cost_budget_trains_as_the_full_one():
+    # --budget cost times iterations: every training flag of the full budget (batch size, teacher
+    # sub-steps, ...) is the same; only the iteration count and the evaluation are cut
+    def opts(flags):
+        return dict(zip(flags[::2], flags[1::2]))
+    cut = ("--iters", "--iters-per-stage", "--eval-every", "--eval-every-samples")
+    for method in R.SCRIPTS:
+        full, cost = opts(R.BUDGETS["full"][method]), opts(R.BUDGETS["cost"][method])
+        train = {k: v for k, v in full.items() if k not in cut and "samples" not in k}
+        assert {k: cost.get(k) for k in train} == train, method
+        n = "--iters-per-stage" if method == "pd" else "--iters"
+        assert int(full[n]) / 10 <= int(cost[n]) < int(full[n])
+    assert R.H.parse_config(R.Config, ["--budget", "cost"]).budget == "cost"
+
+
 def fake_metrics(path, fd, seed, *, fd_teacher=None, paired_px=None, ratio_last=1.0, it_per_s=10.0,
                  floor=0.01):
     """A metrics.json as the scripts write it at K = 4 (and K = 1), with a log.jsonl FD curve."""
