@@ -1,7 +1,7 @@
 """The DDIL benchmark on digits (issue 15): labs x methods x variants x K x seeds, resumable, with
 paired statistics against each baseline, aggregated into bench/results/.
 
-    python bench/results.py                                   # --budget full: 280 runs, ~17 h (see BUDGET)
+    python bench/results.py                                   # --budget full: 280 runs, ~15 h (see BUDGET)
     python bench/results.py --lab uncond --seeds 0 1          # a part of it; rerun to resume
     python bench/results.py --lab cond --ks 4 --variants baseline,+DDIL   # the core comparison first
     python bench/results.py --budget smoke --seeds 0 --only lcm --lab uncond --out /tmp/r  # the plumbing
@@ -47,7 +47,7 @@ seed); an earlier budget of 300 iterations stopped in the middle of that fall, s
 are stale (see below). Measured wall time per run at --jobs 2 on this 2-core CPU (one thread each, median over
 the 10 baseline and +DDIL runs of a cell), unconditional / guided: K = 2 PD 145 / 150 s, LCM 220 / 250 s,
 DMD2 350 / 345 s; K = 4 PD 145 / 240 s, LCM 210 / 460 s, DMD2 375 / 375 s. The whole grid
-is about 17 hours; run it in parts (--lab, --only, --ks, --variants, --seeds), each rerun resumes.
+took 29.2 hours of run time, about 15 hours elapsed at --jobs 2; run it in parts (--lab, --only, --ks, --variants, --seeds), each rerun resumes.
 results.json records each run's wall time (bench_wall.json in its folder). Iterations/s come from
 each run's own training loop (evaluation excluded); with --jobs > 1 runs share the CPU, so compare
 costs only at --jobs 1, and run nothing else meanwhile: --budget cost does that in short runs,
@@ -91,7 +91,7 @@ import harness as H  # noqa: E402
 
 @dataclass
 class Config:
-    budget: str = "full"           # full (~17 h on a 2-core CPU, in parts), cost (time per iteration) or smoke (tests)
+    budget: str = "full"           # full (~15 h on a 2-core CPU, in parts), cost (time per iteration) or smoke (tests)
     seeds: list = field(default_factory=lambda: [0, 1, 2, 3, 4])
     out: str = "bench/results"     # results.json, table.md, *.png
     runs_dir: str = ""             # the runs' --out folders; "" = bench/out/<budget>
