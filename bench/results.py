@@ -46,8 +46,9 @@ every 150 iterations: 1.88, 1.08, 0.46, 0.50, 0.41, 0.35, then 0.16..0.39 up to 
 seed); an earlier budget of 300 iterations stopped in the middle of that fall, so runs made under it
 are stale (see below). Measured wall time per run at --jobs 2 on this 2-core CPU (one thread each, median over
 the 10 baseline and +DDIL runs of a cell), unconditional / guided: K = 2 PD 145 / 150 s, LCM 220 / 250 s,
-DMD2 350 / 345 s; K = 4 PD 145 / 240 s, LCM 210 / 460 s, DMD2 375 / 375 s. The whole grid
-took 29.2 hours of run time, about 15 hours elapsed at --jobs 2; run it in parts (--lab, --only, --ks, --variants, --seeds), each rerun resumes.
+DMD2 350 / 345 s; K = 4 PD 145 / 240 s, LCM 210 / 460 s, DMD2 375 / 375 s. The whole grid took
+29.2 hours of run time, about 15 hours elapsed at --jobs 2; run it in parts (--lab, --only, --ks,
+--variants, --seeds), each rerun resumes.
 results.json records each run's wall time (bench_wall.json in its folder). Iterations/s come from
 each run's own training loop (evaluation excluded); with --jobs > 1 runs share the CPU, so compare
 costs only at --jobs 1, and run nothing else meanwhile: --budget cost does that in short runs,
@@ -149,7 +150,7 @@ BUDGETS = {  # per-script flags (labs and variants add theirs)
                        "--reference-steps", "8", "--shift-samples", "8", "--ref-samples", "16", "--log-every", "1",
                        "--eval-every", "2", "--eval-every-samples", "16"]},
     # time per iteration only (at --jobs 1, nothing else running): the full budget's training flags
-    # for a tenth to a fifth of its iterations, evaluation cut to the least; its FDs mean nothing
+    # for a fifth to a quarter of its iterations, evaluation cut to the least; its FDs mean nothing
     "cost": {"pd": ["--iters-per-stage", "25", "--eval-samples", "64", "--stage-eval-samples", "16",
                     "--shift-samples", "64", "--ref-samples", "64"],
              "lcm": ["--iters", "120", "--eval-samples", "64", "--shift-samples", "64", "--ref-samples", "64"],

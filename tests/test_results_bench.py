@@ -104,7 +104,6 @@ def test_plan_grid_and_flags():
         R.plan(R.H.parse_config(R.Config, ["--lab", "imagenet"]))
 
 
-
 def test_cost_budget_trains_as_the_full_one():
     # --budget cost times iterations: every training flag of the full budget (batch size, teacher
     # sub-steps, ...) is the same; only the iteration count and the evaluation are cut
