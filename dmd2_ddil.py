@@ -79,51 +79,29 @@ from teacher import load_teacher
 
 
 @dataclass
-class Config:
-    dataset: str = "digits"
-    data_dir: str = "data"
-    out: str = ""                  # default runs/dmd2_ddil-<dataset>[-cond]
+class Config(H.DistillConfig):
+    guidance: float = H.flag(0.0, "Classifier-free guidance weight w of the real score "
+                             "(class-conditional teachers only).")
+    fake_updates: int = H.flag(5, "mu_fake (and D) steps per G step (the two time-scale rule).")
+    gan_weight: float = H.flag(3e-3, "Weight of G's GAN loss (0 turns the GAN off).")
+    disc_weight: float = H.flag(1e-2, "Weight of the discriminator's loss in mu_fake's update.")
+    t_min: float = H.flag(0.02, "Lowest noise level t of the DM and GAN losses, t ~ U[t-min, t-max].")
+    t_max: float = H.flag(0.98, "Highest noise level t of the DM and GAN losses.")
+    teacher_substeps: int = H.flag(8, "Teacher DDIM steps per student step, in the teacher's "
+                                   "rollouts and the diagnostic's labels.")
+    sim_staleness: int = H.flag(1, "G's own states in the buffer are at most this many G updates "
+                                "old (1: on-policy, as DMD2's backward simulation).")
+    # the shared flags' defaults for DMD2 on digits: G's own states only, reflected (docstring)
     iters: int = 1500
-    batch_size: int = 64           # per process
-    lr: float = 1e-4               # G and mu_fake (with the GAN head) alike
-    seed: int = 0
-    device: str = ""
-    ckpt_every: int = 500
-    log_every: int = 25
-    teacher: str = ""              # "" = runs/teacher-<dataset>[-cond]/ckpt.pt (trained first if missing)
-    edm_repo: str = ""             # your NVlabs EDM checkout, for --teacher edm-pkl:<.pkl>
-    student_head: str = "auto"     # published eps teachers: v (auto), or copy the eps head
-    head_warmup: int = 300         # iterations fitting that v head to the teacher first
-    cond: bool = False             # the default teacher is the class-conditional one
-    steps: int = 4                 # K, G's sampling steps
-    beta_data: float = 0.0         # DDIL's reflection on DMD2's own inputs (see the docstring)
-    beta_teacher: float = 0.0      # (module docstring, bench/results/table.md)
+    beta_data: float = 0.0
+    beta_teacher: float = 0.0
     beta_student: float = 1.0
-    beta_ramp: float = 0.0         # beta_student rises from 0 over this fraction of training
-    rollout_teacher_p: float = 0.0  # each own-rollout step is the teacher's with this probability
-    eval_every: int = 0            # FD at K every this many iterations into log.jsonl (0 = off)
-    eval_every_samples: int = 250  # ... on this many samples (the same noise each time)
-    bound: str = "reflect"         # training: G's samples and the rollouts
-    sample_bound: str = "clip"     # evaluation samples (published samplers clip)
-    buffer_size: int = 256         # states per rollout source
-    sim_staleness: int = 1         # G's own states are at most this many G updates old (on-policy)
-    refresh: int = 4               # fresh trajectories per rollout source at each refresh,
-    refresh_every: int = 1         # ... every this many iterations
-    reference_steps: int = 64      # the many-step teacher row beside G
-    ref_samples: int = 2000        # FD against this many teacher samples at reference_steps (0: off)
-    teacher_substeps: int = 8      # teacher DDIM steps per student step (rollouts, diagnostic labels)
-    fake_updates: int = 5          # G steps once per this many mu_fake steps (two time-scale rule)
-    gan_weight: float = 3e-3       # 0 turns the GAN off
-    disc_weight: float = 1e-2
-    guidance: float = 0.0          # classifier-free guidance on the real score (conditional teachers)
-    t_min: float = 0.02            # DM and GAN noise levels t ~ U[t_min, t_max]
-    t_max: float = 0.98
+    bound: str = "reflect"
+    buffer_size: int = 256
+    refresh: int = 4
+    refresh_every: int = 1
+    shift_samples: int = 256
     grad_clip: float = 10.0
-    eval_samples: int = 2000
-    shift_samples: int = 256       # states per grid time in the covariate-shift diagnostic
-    bf16: bool = True              # autocast on CUDA only (DMD2: bf16 needed, fp16 diverged)
-    compile: bool = False          # torch.compile G's and mu_fake's training forwards (eager on failure)
-    CHOICES = {"student_head": P.HEADS, "bound": C.BOUNDS, "sample_bound": C.BOUNDS}  # argparse choices
 
 
 PRESETS = {  # per-process batch for 8 GPUs; DMD2's ImageNet-64 recipe: lr 2e-6 for G and mu_fake, 5 mu_fake
@@ -297,6 +275,8 @@ def check(cfg):
                      "refresh", "refresh_every", "reference_steps", "teacher_substeps",
                      "fake_updates", "shift_samples", "sim_staleness")
     E.check_sample_counts(cfg)
+    if cfg.grad_accum != 1:  # G's and mu_fake's updates each take the whole batch at once
+        H.fail("--grad-accum is not implemented for DMD2: lower --batch-size per process instead")
     if cfg.gan_weight < 0 or cfg.disc_weight < 0 or cfg.guidance < 0:
         H.fail("--gan-weight, --disc-weight and --guidance must be >= 0")
     if not 0.0 <= cfg.t_min < cfg.t_max <= 1.0:

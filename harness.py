@@ -3,11 +3,9 @@ checkpoints, logging and images. Nothing here is part of a method; common.py hol
 """
 import argparse
 import dataclasses
-import inspect
 import json
 import math
 import os
-import re
 import sys
 import time
 
@@ -24,12 +22,45 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
+DATASETS = {  # channels, resolution, classes
+    "digits": (1, 8, 10), "mnist": (1, 28, 10), "cifar10": (3, 32, 10), "imagenet64": (3, 64, 1000),
+}
+
+HEADS = ("auto", "copy", "v")  # a student's output head: see --student-head
+
+
 # ----------------------------------------------------------------------------------------------
 # config / CLI
 # ----------------------------------------------------------------------------------------------
 
+def flag(default, help, choices=None, **extra):
+    """A Config field: its default, its --help sentence and its choices, as data. A subclass
+    that only changes the default redeclares the field plainly (`lr: float = 1e-4`) and keeps
+    the help and choices its base class gives (flag_info). extra: more metadata (positional)."""
+    kind = "default_factory" if isinstance(default, list) else "default"
+    value = (lambda: list(default)) if kind == "default_factory" else default
+    return dataclasses.field(**{kind: value},
+                             metadata={"help": help, "choices": choices, **extra})
+
+
+def flag_info(cls, name):
+    """The metadata (help, choices, ...) of field `name`: its own, or that of the nearest base
+    class that declared it with flag()."""
+    for klass in cls.__mro__:
+        f = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if f is not None and f.metadata.get("help"):
+            return dict(f.metadata)
+    return {}
+
+
+def field_default(f):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def parse_config(cls, argv=None, presets=None):
-    """Build argparse flags from a dataclass (`max_steps` -> `--max-steps`) and parse argv.
+    """Build argparse flags from a dataclass of flag() fields (`max_steps` -> `--max-steps`),
+    with each field's help, default and choices, and parse argv. The script's own flags (those
+    its Config declares first) are listed before the ones it shares with other scripts.
 
     presets: {dataset: {field: value}} applied as defaults once --dataset is known, so
     `--dataset cifar10` switches model size, batch, lr, ... and explicit flags still win.
@@ -39,22 +70,26 @@ def parse_config(cls, argv=None, presets=None):
     parser = argparse.ArgumentParser(description=" ".join(doc.split()),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.error = lambda msg: fail(f"{msg} (see --help)")  # one line, no usage dump
-    notes = field_comments(cls)
-    for f in dataclasses.fields(cls):
-        flag, default = "--" + f.name.replace("_", "-"), f.default
-        if f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        typ = f.type
-        text = notes.get(f.name, "").replace("%", "%%") or "(default: %(default)s)"
-        if typ is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+    shared = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base)
+              for f in dataclasses.fields(base)}
+    own = parser.add_argument_group("this script's flags") if shared else parser
+    common = parser.add_argument_group("flags shared with the other scripts") if shared else parser
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in shared):
+        info, default = flag_info(cls, f.name), field_default(f)
+        group = common if f.name in shared else own
+        text = info.get("help", "").replace("%", "%%")
+        if info.get("positional"):
+            group.add_argument(f.name, help=text)
+        elif f.type is bool:
+            group.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
+                               default=default, help=text)
         elif isinstance(default, (list, tuple)):
-            elem = type(default[0]) if default else float
-            parser.add_argument(flag, type=elem, nargs="+", default=default, help=text)
+            group.add_argument("--" + f.name.replace("_", "-"), nargs="+", default=default, help=text,
+                               type=type(default[0]) if default else float)
         else:
-            choices = getattr(cls, "CHOICES", {}).get(f.name)
-            parser.add_argument(flag, type=typ if default is not None else str, default=default,
-                                choices=choices, help=text)
+            group.add_argument("--" + f.name.replace("_", "-"), default=default, help=text,
+                               type=f.type if default is not None else str,
+                               choices=info.get("choices"))
     if presets:  # --dataset first, by a parser without -h: `--dataset cifar10 --help` shows the preset
         first = argparse.ArgumentParser(add_help=False)
         first.add_argument("--dataset")
@@ -65,13 +100,101 @@ def parse_config(cls, argv=None, presets=None):
     return cls(**vars(parser.parse_args(argv)))
 
 
-def field_comments(cls):
-    """{field: the comment on its line} in a config dataclass's source: each flag's --help."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):  # no source (a frozen or interactive class): flags without help
-        return {}
-    return {m[1]: m[2].strip() for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#(.*)$", source, re.M)}
+def flags_markdown(scripts):
+    """docs/flags.md: {script name: Config class} -> one table per script of its flags, each
+    with its default, help and choices."""
+    lines = ["# Flags", "",
+                   "Generated from the Config dataclasses by `python dev/flags.py > docs/flags.md`;",
+                   "a test checks that it is current. Every script also prints these with `--help`.",
+                   ""]
+    for script, cls in scripts.items():
+        lines += [f"## {script}", "", "| flag | default | help |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            info, default = flag_info(cls, f.name), field_default(f)
+            name = f.name if info.get("positional") else "--" + f.name.replace("_", "-")
+            choices = info.get("choices")
+            text = info.get("help", "") + (f" One of: {', '.join(map(str, choices))}." if choices else "")
+            shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+            text = text.replace("|", "\\|")  # a table cell
+            lines.append(f"| `{name}` | `{shown}` | {text} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# The flags every script shares are declared once, here; a script's Config subclasses one of
+# these, adds its own knobs first and redeclares a shared flag only to change its default.
+
+@dataclasses.dataclass
+class RunConfig:
+    """Flags of every training script (teacher.py and the three methods)."""
+    dataset: str = flag("digits", "The data set: digits is embedded and runs on a CPU; the others "
+                        "read their files from --data-dir.", choices=tuple(DATASETS))
+    data_dir: str = flag("data", "Where the data set's files are (downloaded there where possible).")
+    out: str = flag("", "The run's directory for config.json, ckpt.pt, log.jsonl and images; "
+                    "default runs/<script>-<dataset>[-cond]. A rerun resumes from it.")
+    cond: bool = flag(False, "Class-conditional: the teacher takes labels (with a null label for "
+                      "classifier-free guidance); for a method, the default teacher is the "
+                      "class-conditional one.")
+    iters: int = flag(1000, "Training iterations in all.")
+    batch_size: int = flag(64, "Batch size per process (the global batch is this times the world size).")
+    grad_accum: int = flag(1, "Micro-batches per optimiser step, each of batch-size / grad-accum "
+                           "(DDP reduces gradients once per step).")
+    lr: float = flag(1e-4, "Adam's learning rate.")
+    grad_clip: float = flag(1.0, "Gradients are clipped to this global norm.")
+    seed: int = flag(0, "Seeds the initial weights, the batches and every noise draw: the same "
+                     "seed gives the same run, resumed or not.")
+    device: str = flag("", "cpu, cuda or cuda:N; default cuda (each torchrun rank its own GPU) "
+                       "where available, else cpu.")
+    ckpt_every: int = flag(500, "Iterations between checkpoints (and one at the end).")
+    log_every: int = flag(25, "Iterations between lines in log.jsonl.")
+    bf16: bool = flag(True, "bf16 autocast for the training forward passes on CUDA (no effect on a CPU).")
+    compile: bool = flag(False, "torch.compile the training forward passes (eager, with one "
+                         "warning, where compiling fails).")
+
+
+TEACHER_FORMS = ("a ckpt.pt of teacher.py; diffusers:<folder or hub id> (a diffusers UNet2DModel "
+                 "with its scheduler); edm-adm:<.pt> (an EDM/CD ADM network as a state dict); "
+                 "edm-pkl:<.pkl> (an NVlabs EDM pickle, built with --edm-repo)")
+
+
+@dataclasses.dataclass
+class DistillConfig(RunConfig):
+    """Flags every method script shares: the teacher, the DDIL mixture, rollouts, evaluation."""
+    teacher: str = flag("", "The teacher to distil: " + TEACHER_FORMS + ". Default "
+                        "runs/teacher-<dataset>[-cond]/ckpt.pt, or for digits the teacher shipped "
+                        "in assets/; teacher.py trains it where neither exists.")
+    edm_repo: str = flag("", "Your checkout of NVlabs' EDM code, needed for --teacher edm-pkl:.")
+    student_head: str = flag("auto", "A published eps-prediction teacher's student: auto re-reads "
+                             "its output as v (fitted first, --head-warmup), copy keeps the eps "
+                             "head; our own teachers predict v already.",
+                             choices=HEADS)
+    head_warmup: int = flag(300, "Iterations that fit a re-read v head to the teacher before "
+                            "distillation (--student-head v or auto on an eps teacher).")
+    steps: int = flag(4, "K, the student's sampling steps.")
+    beta_data: float = flag(0.5, "DDIL's prior on data states: forward-diffused training "
+                            "images (the priors are normalised to sum to 1).")
+    beta_teacher: float = flag(0.0, "DDIL's prior on the teacher's states: its own sampler's "
+                               "rollouts from noise.")
+    beta_student: float = flag(0.5, "DDIL's prior on the student's states: its own sampler's "
+                               "rollouts from noise, as it is evaluated.")
+    beta_ramp: float = flag(0.0, "beta-student rises linearly from 0 over this fraction of "
+                            "training, the rest going to data (DAgger's schedule; 0 = fixed priors).")
+    rollout_teacher_p: float = flag(0.0, "Each step of the student's rollouts is the teacher's "
+                                    "own step with this probability (DAgger's mixture policy).")
+    bound: str = flag("none", "Bound on the x0 prediction during training: in the teacher steps "
+                      "that make the targets and in the rollouts.", choices=C.BOUNDS)
+    sample_bound: str = flag("clip", "Bound on the x0 prediction when sampling for evaluation "
+                             "(published samplers clip).", choices=C.BOUNDS)
+    buffer_size: int = flag(1024, "States kept per rollout source (teacher, student) in its replay buffer.")
+    refresh: int = flag(32, "Fresh rollouts pushed into each source's buffer at each refresh.")
+    refresh_every: int = flag(8, "Iterations between refreshes of the rollout buffers.")
+    eval_every: int = flag(0, "Iterations between FD measurements at K into log.jsonl (0 = none).")
+    eval_every_samples: int = flag(250, "Samples of each --eval-every measurement (the same noise each time).")
+    eval_samples: int = flag(2000, "Samples of the final evaluation of the student and the teacher.")
+    shift_samples: int = flag(500, "States per sampling time in the final covariate-shift diagnostic.")
+    reference_steps: int = flag(64, "Sampling steps of the many-step teacher row in the final evaluation.")
+    ref_samples: int = flag(2000, "Teacher samples at --reference-steps that the student's samples "
+                            "are also compared with (FD against the teacher; 0 = off).")
 
 
 def setup(cfg, script):
@@ -238,9 +361,6 @@ def micro_batches(net, n, *tensors):
 # data: images in [-1, 1], NCHW float; labels long
 # ----------------------------------------------------------------------------------------------
 
-DATASETS = {  # channels, resolution, classes
-    "digits": (1, 8, 10), "mnist": (1, 28, 10), "cifar10": (3, 32, 10), "imagenet64": (3, 64, 1000),
-}
 
 
 def load_dataset(name, data_dir="data", train=True):

@@ -49,51 +49,24 @@ from teacher import load_teacher
 
 
 @dataclass
-class Config:
-    dataset: str = "digits"
-    data_dir: str = "data"
-    out: str = ""                 # default runs/lcm_ddil-<dataset>[-cond]
-    teacher: str = ""             # default runs/teacher-<dataset>[-cond]/ckpt.pt (trained when missing)
-    edm_repo: str = ""            # your NVlabs EDM checkout, for --teacher edm-pkl:<.pkl>
-    student_head: str = "auto"    # published eps teachers: v (auto), or copy the eps head
-    head_warmup: int = 300        # iterations fitting that v head to the teacher first
-    cond: bool = False            # the default teacher is the class-conditional one
+class Config(H.DistillConfig):
+    grid: int = H.flag(48, "N, the training grid t_n = n / N; it must contain the K sampling times.")
+    target_ema: float = H.flag(0.95, "EMA decay of the target network (0 = the student itself "
+                               "with stop-gradient).")
+    loss: str = H.flag("l2", "The distance d of the consistency loss: l2, or LCM's pseudo-Huber.",
+                       choices=("l2", "huber"))
+    huber_c: float = H.flag(1e-3, "The pseudo-Huber distance's c, sqrt(d^2 + c^2) - c.")
+    w_min: float = H.flag(1.0, "Lowest guidance weight w ~ U[w-min, w-max] of a class-conditional "
+                          "teacher (the student is evaluated at the middle of the range).")
+    w_max: float = H.flag(3.0, "Highest guidance weight; --w-min 0 --w-max 0 is CD's unguided "
+                          "setting.")
+    # the shared flags' defaults for LCM on digits
     iters: int = 800
-    batch_size: int = 128         # per process
+    batch_size: int = 128
     lr: float = 5e-4
-    grad_clip: float = 1.0
-    seed: int = 0
-    device: str = ""
     ckpt_every: int = 200
     log_every: int = 20
-    steps: int = 4                # K student sampling steps (also evaluated at 1 and 2)
-    grid: int = 48                # N training grid times t_n = n / N; must contain the K times
-    target_ema: float = 0.95      # 0 = the student itself with stop-gradient
-    loss: str = "l2"              # l2 or huber (pseudo-Huber)
-    huber_c: float = 1e-3
-    w_min: float = 1.0            # guidance weights (class-conditional teachers only); the
-    w_max: float = 3.0            # student is evaluated at their middle
-    beta_data: float = 0.5
-    beta_teacher: float = 0.0
-    beta_student: float = 0.5
-    beta_ramp: float = 0.0        # beta_student rises from 0 over this fraction of training
-    rollout_teacher_p: float = 0.0  # each own-rollout step is the teacher's with this probability
-    eval_every: int = 0           # FD at K every this many iterations into log.jsonl (0 = off)
-    eval_every_samples: int = 250  # ... on this many samples (the same noise each time)
-    bound: str = "none"           # training: the teacher's step and the rollouts
-    sample_bound: str = "clip"    # evaluation samples (published samplers clip)
-    buffer_size: int = 1024       # states per rollout source
-    refresh: int = 32             # fresh trajectories per rollout source at each refresh,
-    refresh_every: int = 8        # ... every this many iterations (one batched sampler call)
-    eval_samples: int = 2000
-    shift_samples: int = 1000     # states per sampling time in the covariate-shift diagnostic
-    reference_steps: int = 64     # the many-step teacher row beside the student
-    ref_samples: int = 2000        # FD against this many teacher samples at reference_steps (0: off)
-    bf16: bool = True             # autocast on CUDA only
-    compile: bool = False         # torch.compile the student's training forward (eager on failure)
-    grad_accum: int = 1           # micro-batches per step (batch_size / grad_accum each; DDP no_sync)
-
-    CHOICES = {"student_head": P.HEADS, "bound": C.BOUNDS, "sample_bound": C.BOUNDS, "loss": ("l2", "huber")}
+    shift_samples: int = 1000
 
 
 PRESETS = {  # CD's published recipes (Song et al. 2023, Table 3); batch_size per process for 8 GPUs

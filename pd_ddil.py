@@ -54,49 +54,22 @@ from teacher import load_teacher
 
 
 @dataclass
-class Config:
-    dataset: str = "digits"
-    data_dir: str = "data"
-    out: str = ""                  # default runs/pd_ddil-<dataset>[-cond]
-    teacher: str = ""              # "" = runs/teacher-<dataset>[-cond]/ckpt.pt (trained first if missing)
-    edm_repo: str = ""             # your NVlabs EDM checkout, for --teacher edm-pkl:<.pkl>
-    student_head: str = "auto"     # published eps teachers: v (auto), or copy the eps head
-    head_warmup: int = 300         # iterations fitting that v head to the teacher first
-    cond: bool = False             # the default teacher is the class-conditional one
-    guidance: float = 0.0          # classifier-free guidance of the first teacher (conditional only)
-    teacher_steps: int = 64        # the first stage's teacher sampler
-    reference_steps: int = 64      # the many-step teacher row beside the student
-    ref_samples: int = 2000        # FD against this many teacher samples at reference_steps (0: off)
-    steps: int = 4                 # K, the final student's sampler; teacher_steps / 2^stages
-    iters_per_stage: int = 400
-    iters: int = 0                 # stop after this many iterations in all (0 = every stage); rerun resumes
-    batch_size: int = 64           # per process
-    lr: float = 5e-4               # Adam, decayed linearly to 0 within each stage
-    grad_clip: float = 1.0
-    beta_data: float = 0.5
-    beta_teacher: float = 0.0
-    beta_student: float = 0.5
-    beta_ramp: float = 0.0         # beta_student rises from 0 over this fraction of training
-    rollout_teacher_p: float = 0.0  # each own-rollout step is the teacher's with this probability
-    eval_every: int = 0            # FD at K every this many iterations into log.jsonl (0 = off)
-    eval_every_samples: int = 250  # ... on this many samples (the same noise each time)
-    bound: str = "none"            # training: the teacher's steps and the rollouts
-    sample_bound: str = "clip"     # evaluation samples (published samplers clip)
-    buffer_size: int = 1024        # states per rollout source
-    refresh: int = 32              # trajectories per refresh, in one batched sampler call
-    refresh_every: int = 0         # iterations between refreshes; 0 = N (about --refresh fresh states / iteration)
-    eval_samples: int = 2000
-    stage_eval_samples: int = 500  # each stage's FD in log.jsonl
-    shift_samples: int = 500       # states per grid time for the covariate-shift diagnostic
-    seed: int = 0
-    device: str = ""
+class Config(H.DistillConfig):
+    guidance: float = H.flag(0.0, "Classifier-free guidance weight w of the first stage's teacher "
+                             "(class-conditional teachers only).")
+    teacher_steps: int = H.flag(64, "The first stage's teacher sampler: its DDIM steps, halved "
+                                "each stage down to --steps.")
+    iters_per_stage: int = H.flag(400, "Training iterations of each stage.")
+    stage_eval_samples: int = H.flag(500, "Samples of each stage's FD in log.jsonl.")
+    iters: int = H.flag(0, "Stop after this many iterations in all, to resume later with the "
+                        "same command (0 = every stage).")
+    refresh_every: int = H.flag(0, "Iterations between refreshes of the rollout buffers "
+                                "(0 = N, the stage's student steps).")
+    lr: float = H.flag(5e-4, "Adam's learning rate at the start of each stage, decayed linearly "
+                       "to 0 within it.")
+    # the shared flags' defaults for PD on digits
     ckpt_every: int = 200
     log_every: int = 10
-    bf16: bool = True              # student forward under autocast on CUDA; targets stay fp32
-    compile: bool = False          # torch.compile the student's training forward (eager on failure)
-    grad_accum: int = 1            # micro-batches per step (batch_size / grad_accum each; DDP no_sync)
-
-    CHOICES = {"student_head": P.HEADS, "bound": C.BOUNDS, "sample_bound": C.BOUNDS, "dataset": tuple(H.DATASETS)}
 
 
 PRESETS = {  # per-process batch for 8 GPUs: 8 x 16 = 128, the published CIFAR-10 batch; on one GPU

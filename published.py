@@ -40,7 +40,7 @@ import common as C
 import harness as H
 
 PREFIXES = ("diffusers", "edm-adm", "edm-pkl")
-HEADS = ("auto", "copy", "v")  # a student's output: v for eps teachers (auto), the teacher's own, or v
+HEADS = H.HEADS  # a student's output: v for eps teachers (auto), the teacher's own, or v
 
 
 def _need_diffusers():

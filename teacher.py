@@ -21,27 +21,19 @@ import harness as H
 
 
 @dataclass
-class Config:
-    dataset: str = "digits"
-    data_dir: str = "data"
-    out: str = ""                # default runs/teacher-<dataset>
+class Config(H.RunConfig):
+    warmup: int = H.flag(200, "Iterations of linear learning-rate warm-up.")
+    ema: float = H.flag(0.999, "EMA decay of the teacher network (the EMA is the teacher).")
+    p_uncond: float = H.flag(0.1, "Probability of dropping the label to the null class "
+                             "(classifier-free guidance; --cond only).")
+    sample_steps: int = H.flag(64, "DDIM steps of the final samples.png.")
+    sample_count: int = H.flag(64, "Images in the final samples.png.")
+    # the shared flags' defaults for the digits teacher
     iters: int = 4000
-    batch_size: int = 128        # per process
+    batch_size: int = 128
     lr: float = 2e-3
-    warmup: int = 200
-    ema: float = 0.999
-    grad_clip: float = 1.0
-    cond: bool = False           # class-conditional (null label for classifier-free guidance)
-    p_uncond: float = 0.1
-    seed: int = 0
-    device: str = ""
     ckpt_every: int = 1000
     log_every: int = 50
-    sample_steps: int = 64
-    sample_count: int = 64       # final DDIM samples in samples.png (tests keep it tiny)
-    bf16: bool = True            # autocast on CUDA only
-    compile: bool = False        # torch.compile; falls back to eager with one warning
-    grad_accum: int = 1          # micro-batches per step (batch_size / grad_accum each; DDP no_sync)
 
 
 PRESETS = {  # batch_size is per process: global = 8 x 64 = 512 on 8 GPUs (1 GPU: --grad-accum to taste)

@@ -185,19 +185,21 @@ def test_gpu_check_dry(tmp_path, all_cores):
             shutil.rmtree(d)
 
 
-def test_help_shows_each_flags_comment_and_the_presets_defaults(capsys):
-    """--help: the script's first docstring paragraph, each flag's comment from its Config line,
-    and the defaults that --dataset's preset gives (a flag without a comment still shows its own)."""
+def test_help_shows_each_flags_sentence_and_the_presets_defaults(capsys):
+    """--help: the script's first docstring paragraph, each flag's sentence from its Config
+    field (a shared flag's from the base class), and the defaults that --dataset's preset gives."""
     import lcm_ddil
     with pytest.raises(SystemExit) as e:
         H.parse_config(lcm_ddil.Config, ["--dataset", "cifar10", "--help"], lcm_ddil.PRESETS)
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "Consistency distillation, LCM style in pixel space, with DDIL state mixing." in out
-    assert "--steps STEPS K student sampling steps (also evaluated at 1 and 2) (default: 4)" in out
-    assert "--batch-size BATCH_SIZE per process (default: 64)" in out  # the cifar10 preset's
-    assert "--lr LR (default: 0.0004)" in out and "--seed SEED (default: 0)" in out
-    assert "--bf16, --no-bf16 autocast on CUDA only (default: True)" in out
+    assert "--grid GRID N, the training grid t_n = n / N; it must contain the K sampling times. " \
+           "(default: 48)" in out
+    assert "--batch-size BATCH_SIZE Batch size per process" in out and "(default: 64)" in out
+    assert "--lr LR Adam's learning rate. (default: 0.0004)" in out  # the cifar10 preset's
+    assert "--bound {none,clip,reflect}" in out and "edm-pkl:<.pkl>" in out
+    assert out.index("this script's flags") < out.index("--grid GRID N,") < out.index("flags shared")
 
 
 def test_method_presets_follow_the_published_recipes():
