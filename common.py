@@ -81,7 +81,7 @@ def bound_x0(x0, bound):
     return x0
 
 
-def reflected_step_torch(x, v, alpha_t, sigma_t, alpha_s, sigma_s, noise=None, bound="reflect"):
+def reflected_step_torch(x, v, alpha_t, sigma_t, alpha_s, sigma_s, *, bound, noise=None):
     """Reference: x0 = bound(alpha_t x - sigma_t v); eps = (x - alpha_t x0) / sigma_t (or z);
     x_s = alpha_s x0 + sigma_s eps. Computes in fp32, returns in x's dtype."""
     dtype, x, v = x.dtype, x.float(), v.float()
@@ -135,7 +135,7 @@ if triton is not None:
         tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
-def reflected_step_triton(x, v, alpha_t, sigma_t, alpha_s, sigma_s, noise=None, bound="reflect",
+def reflected_step_triton(x, v, alpha_t, sigma_t, alpha_s, sigma_s, *, bound, noise=None,
                           block=1024):
     """The fused step: one pass reads x, v (and z) and writes x_s and x0_hat."""
     if triton is None:
@@ -153,7 +153,7 @@ def reflected_step_triton(x, v, alpha_t, sigma_t, alpha_s, sigma_s, noise=None, 
     return xs, x0
 
 
-def reflected_step(x, v, alpha_t, sigma_t, alpha_s, sigma_s, noise=None, bound="reflect",
+def reflected_step(x, v, alpha_t, sigma_t, alpha_s, sigma_s, *, bound, noise=None,
                    backend="auto"):
     """One sampler step t -> s on v-predictions with x0_hat bounded; returns (x_s, x0_hat).
 
@@ -196,7 +196,7 @@ def guided(model, y=None, w=0.0):
 
 
 @torch.no_grad()
-def ddim_sample(denoise, x, ts, bound="reflect", noises=None, return_states=False, backend="auto"):
+def ddim_sample(denoise, x, ts, *, bound, noises=None, return_states=False):
     """Deterministic DDIM from x at ts[0] through ts[1:]; noises[i] (optional) turns step i into
     the re-noising step of consistency / DMD2 multi-step samplers.
 
@@ -212,13 +212,13 @@ def ddim_sample(denoise, x, ts, bound="reflect", noises=None, return_states=Fals
         tb = torch.full((x.shape[0],), float(t), device=x.device)
         v = denoise(x, tb)
         z = noises[i] if noises is not None and float(s) > 0 else None
-        x, x0 = reflected_step(x, v, a_t, s_t, a_s, s_s, noise=z, bound=bound, backend=backend)
+        x, x0 = reflected_step(x, v, a_t, s_t, a_s, s_s, bound=bound, noise=z)
         if float(s) == 0.0:
             x = x0
     return (x, states) if return_states else x
 
 
-def generate(net, n, steps, kind="ddim", bound="clip", y=None, w=0.0, shape=None, device="cpu"):
+def generate(net, n, steps, kind="ddim", *, bound, y=None, w=0.0, shape=None, device="cpu"):
     """n images in [-1, 1] from noise with K = steps: kind "ddim" (teacher, PD student) or
     "renoise" (consistency / DMD2 generator: x0_hat = net(x, tau_i), x = alpha x0_hat + sigma z);
     at labels y [n] and guidance weight w as `guided` applies them."""
@@ -226,7 +226,7 @@ def generate(net, n, steps, kind="ddim", bound="clip", y=None, w=0.0, shape=None
     shape = shape or (cfg["in_ch"], cfg["resolution"], cfg["resolution"])
     x = torch.randn(n, *shape, device=device)
     noises = [torch.randn_like(x) for _ in range(steps)] if kind == "renoise" else None
-    return ddim_sample(guided(net, y, w), x, time_grid(steps), bound, noises)
+    return ddim_sample(guided(net, y, w), x, time_grid(steps), bound=bound, noises=noises)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,6 +485,15 @@ def dagger_rollout(x1, steps, own_step, expert_step=None, p=0.0):
     return states
 
 
+def trajectory(states, taus, y, w):
+    """Rollout states [K][n, ...] at times taus [K] -> one flat batch (x [K n], t, y, w), t-major,
+    each state keeping its trajectory's label y [n] and guidance weight w ([n] or a number)."""
+    n, K = len(states[0]), len(states)
+    t = taus.to(states[0].device).repeat_interleave(n)
+    w = w.repeat(K) if torch.is_tensor(w) and w.dim() else w
+    return torch.cat(states).float(), t, None if y is None else y.repeat(K), w
+
+
 def select(v, idx):
     """v[idx] for per-sample labels / weights; None and plain numbers pass through."""
     return v[idx] if torch.is_tensor(v) and v.dim() else v
@@ -515,16 +524,10 @@ def ramped_betas(betas, frac, ramp):
     return (b_data + b_student - s, b_teacher, s)
 
 
-def student_of(teacher, head="auto", **overrides):
-    """A trainable copy of the teacher without dropout (distillation trains students without it;
-    PD, CD), with config overrides such as w_embed=True (new layers start at zero). head: for
-    published eps teachers (published.student_copy); our networks predict v already."""
-    if hasattr(teacher, "make_student"):  # a published teacher (published.py) copies itself
-        if overrides.get("w_embed"):
-            raise ValueError("a published teacher has no guidance-weight input to give a student")
-        return teacher.make_student(head=head)
-    if head == "v":
-        raise ValueError(f"student head {head!r}: our own teachers predict v already")
-    student = UNet(**{**teacher.config, "dropout": 0.0, **overrides}).to(next(teacher.parameters()).device)
+def student_of(teacher, **overrides):
+    """A trainable copy of a U-Net teacher without dropout (distillation trains students without
+    it; PD, CD), with config overrides such as w_embed=True (new layers start at zero)."""
+    student = UNet(**{**teacher.config, "dropout": 0.0, **overrides})
+    student.to(next(teacher.parameters()).device)
     student.load_state_dict(teacher.state_dict(), strict=not overrides.get("w_embed"))
     return student.train().requires_grad_(True)

@@ -75,7 +75,7 @@ import common as C
 import evaluate as E
 import harness as H
 import published as P
-from teacher import load_teacher
+from teacher import load_teacher, make_student
 
 
 @dataclass
@@ -186,53 +186,53 @@ def data_states(x0, y, taus):
 
 
 @torch.no_grad()
-def backward_simulation(G, x1, y, taus, bound, T=None, w=0.0, substeps=1, p=0.0):
+def backward_simulation(G, x1, y, taus, *, bound, expert=None, expert_w=0.0, substeps=1, p=0.0):
     """DMD2's backward simulation: G's re-noising sampler from noise x1 at tau_1 to tau_K, no grad.
     Returns the states at every sampling time, [K n] (tau-major), with their times and labels.
-    With p > 0 each step is, with probability p, the teacher's own action from that state (its
-    guided DDIM, `substeps` per student step): --rollout-teacher-p, DAgger's mixture."""
+    With p > 0 each step is, with probability p, the expert's own action from that state (its
+    DDIM at guidance expert_w, `substeps` per student step): --rollout-teacher-p, DAgger's mixture."""
     K = len(taus)
     noises = [torch.randn_like(x1) for _ in range(K - 1)]
     fine = C.time_grid(K * substeps)
-    own = lambda x, i, idx: C.ddim_sample(C.guided(G, C.select(y, idx)), x, taus[i:i + 2], bound,  # noqa: E731
-                                          [noises[i][idx]])
-    expert = lambda x, i, idx: C.ddim_sample(C.guided(T, C.select(y, idx), w), x,  # noqa: E731
-                                             fine[i * substeps:(i + 1) * substeps + 1], bound)
-    return _trajectory(C.dagger_rollout(x1, K - 1, own, expert, p), taus, y, None)
+
+    def own_step(x, i, idx):  # G's sample from tau_i, re-noised to tau_{i+1}
+        denoise = C.guided(G, C.select(y, idx))
+        return C.ddim_sample(denoise, x, taus[i:i + 2], bound=bound, noises=[noises[i][idx]])
+
+    def expert_step(x, i, idx):  # the expert's DDIM over the same interval
+        denoise = C.guided(expert, C.select(y, idx), expert_w)
+        return C.ddim_sample(denoise, x, fine[i * substeps:(i + 1) * substeps + 1], bound=bound)
+
+    return C.trajectory(C.dagger_rollout(x1, K - 1, own_step, expert_step, p), taus, y, None)
 
 
 @torch.no_grad()
-def teacher_rollout(T, x1, y, w, taus, substeps, bound):
+def teacher_rollout(T, x1, y, w, taus, *, substeps, bound):
     """The (guided) teacher's DDIM from x1 at tau_1 down to tau_K on a grid `substeps` times finer;
     returns the states at the sampling times, [K n], with their times, labels and guidance."""
     K = len(taus)
     fine = C.time_grid(K * substeps)[:(K - 1) * substeps + 1]
-    x, states = C.ddim_sample(C.guided(T, y, w), x1, fine, bound, return_states=True)
-    return _trajectory(states[::substeps] + [x], taus, y, w)
-
-
-def _trajectory(states, taus, y, w):
-    n, K = len(states[0]), len(states)
-    t = taus.to(states[0].device).repeat_interleave(n)
-    return torch.cat(states).float(), t, None if y is None else y.repeat(K), w
+    x, states = C.ddim_sample(C.guided(T, y, w), x1, fine, bound=bound, return_states=True)
+    return C.trajectory(states[::substeps] + [x], taus, y, w)
 
 
 @torch.no_grad()
-def teacher_sample_from(T, x_t, t, K, substeps, bound, y=None, w=0.0):
+def teacher_sample_from(T, x_t, t, K, substeps, y=None, w=0.0, *, bound):
     """The teacher's DDIM sample from states x_t at one sampling time t (G's imitation label)."""
     i = int(round((1.0 - t) * K))
-    return C.ddim_sample(C.guided(T, y, w), x_t, C.time_grid(K * substeps)[i * substeps:], bound)
+    ts = C.time_grid(K * substeps)[i * substeps:]
+    return C.ddim_sample(C.guided(T, y, w), x_t, ts, bound=bound)
 
 
 # ---- the two updates --------------------------------------------------------------------------
 
-def generator_sample(G, x_in, t_in, y, bound):
+def generator_sample(G, x_in, t_in, y, *, bound):
     """G's sample x0 = bound(alpha x - sigma v_G(x, tau)) from states x_in at times t_in."""
     alpha, sigma = coefs(t_in, x_in)
     return C.bound_x0(C.x0_from_v(x_in, G(x_in, t_in, y).float(), alpha, sigma), bound)
 
 
-def generator_update(G_train, G, fake, head, T, opt, x, y, cfg):
+def generator_update(G, fake, head, T, opt, x, y, cfg):
     """One step of G on its samples x: the DM loss against the guided real score and the fake
     score, plus the GAN generator loss. mu_fake and D get no gradient. Returns {loss name: value}."""
     fake.requires_grad_(False), head.requires_grad_(False)
@@ -288,11 +288,11 @@ def main(argv=None):
     cfg = H.parse_config(Config, argv, PRESETS)
     betas = check(cfg)
     rank, world, device, data = H.setup(cfg, "dmd2_ddil")
-    T, _ = load_teacher(cfg.teacher, cfg.dataset, device, cfg.cond, cfg.edm_repo)
+    T = load_teacher(cfg.teacher, cfg.dataset, device, cfg.cond, cfg.edm_repo, cfg.data_dir)
     nc, K, B = T.num_classes, cfg.steps, cfg.batch_size
     cfg.guidance = cfg.guidance if nc else 0.0
 
-    G = C.student_of(T, cfg.student_head)  # G and mu_fake copy the teacher, without dropout
+    G = make_student(T, cfg.student_head)  # G and mu_fake copy the teacher, without dropout
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     if not os.path.isfile(ckpt_path):  # a fresh run fits a re-read v head first; a resume loads it
         P.warm_up_head(G, T, data, cfg.head_warmup, cfg.batch_size, cfg.lr, cfg.seed)
@@ -325,6 +325,15 @@ def main(argv=None):
     def new_trajectories(n):  # noise and labels of n fresh rollouts
         return torch.randn(n, *shape, device=device), C.random_labels(n, nc, device)
 
+    def teacher_source(n):  # the guided teacher's DDIM, teacher_substeps per student step
+        return teacher_rollout(T, *new_trajectories(n), cfg.guidance, taus,
+                               substeps=cfg.teacher_substeps, bound=cfg.bound)
+
+    def student_source(n):  # G's own backward simulation, DAgger-mixed with the teacher
+        return backward_simulation(G, *new_trajectories(n), taus, bound=cfg.bound, expert=T,
+                                   expert_w=cfg.guidance, substeps=cfg.teacher_substeps,
+                                   p=cfg.rollout_teacher_p)
+
     # G is sampled plainly (w = 0): it has learnt the guided real score's distribution
     protocol = dict(dataset=cfg.dataset, bound=cfg.sample_bound, seed=cfg.seed, device=device,
               data_dir=cfg.data_dir, w=0.0)
@@ -343,19 +352,14 @@ def main(argv=None):
             refresh = cfg.refresh if step % cfg.refresh_every == 0 else 0
             x_in, t_in, y, _, _ = C.cat_states(
                 data_states(real[:n_data], None if y_real is None else y_real[:n_data], taus),
-                C.replay(buffers["teacher"], lambda n: teacher_rollout(
-                    T, *new_trajectories(n), cfg.guidance, taus, cfg.teacher_substeps, cfg.bound),
-                    n_teacher, refresh, K),
-                C.replay(buffers["student"], lambda n: backward_simulation(
-                    G, *new_trajectories(n), taus, cfg.bound, T, cfg.guidance, cfg.teacher_substeps,
-                    cfg.rollout_teacher_p),
-                         n_student, refresh, K))
+                C.replay(buffers["teacher"], teacher_source, n_teacher, refresh, K),
+                C.replay(buffers["student"], student_source, n_student, refresh, K))
             y = y if nc else None
         # every iteration makes samples for mu_fake; every fake_updates-th one also steps G on them
         g_step = step % cfg.fake_updates == 0
         with torch.set_grad_enabled(g_step), H.autocast(device, cfg.bf16):
-            x = generator_sample(G_train if g_step else G, x_in, t_in, y, cfg.bound)
-        rec = generator_update(G_train, G, fake, head, T, opt_g, x, y, cfg) if g_step else {}
+            x = generator_sample(G_train if g_step else G, x_in, t_in, y, bound=cfg.bound)
+        rec = generator_update(G, fake, head, T, opt_g, x, y, cfg) if g_step else {}
         rec.update(fake_score_update(fake_train, head_train, fake, head, opt_f, x, real, y, y_real, cfg))
         step += 1
         train_time += time.time() - t0
@@ -380,8 +384,10 @@ def main(argv=None):
 
     def imitation_error(x_t, t, y):  # G's sample vs the teacher's DDIM sample from the state
         with torch.no_grad():
-            g = generator_sample(G, x_t, torch.full((len(x_t),), t, device=device), y, cfg.bound)
-            label = teacher_sample_from(T, x_t, t, K, cfg.teacher_substeps, cfg.bound, y, cfg.guidance)
+            g = generator_sample(G, x_t, torch.full((len(x_t),), t, device=device), y,
+                                 bound=cfg.bound)
+            label = teacher_sample_from(T, x_t, t, K, cfg.teacher_substeps, y, cfg.guidance,
+                                        bound=cfg.bound)
             return (g - label).pow(2).mean(dim=(1, 2, 3))
     ks = sorted({1, K})
     E.final_evaluation(cfg.out, G, "renoise", ks, T, sorted({1, K, cfg.reference_steps}), cfg.eval_samples,

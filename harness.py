@@ -954,37 +954,3 @@ def save_grid(x, path, nrow=None):
 def write_json(obj, path):
     if is_main():
         atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=2).encode()), "file")
-
-
-# ----------------------------------------------------------------------------------------------
-# teacher loading
-# ----------------------------------------------------------------------------------------------
-
-def default_teacher_path(dataset, cond=False):
-    return os.path.join("runs", f"teacher-{dataset}{'-cond' if cond else ''}", "ckpt.pt")
-
-
-def build_net(config):
-    """A network (random weights) from the `config` a checkpoint saved: our U-Net, or a wrapped
-    published one (config["kind"]: published.py, which needs diffusers)."""
-    if "kind" in config:
-        import published  # optional: diffusers / EDM wrappers
-        return published.build_from_config(config)
-    return C.UNet(**config)
-
-
-def load_net(path, device="cpu"):
-    """The sampling network of any checkpoint this project writes, with its sampler kind.
-
-    Teacher checkpoints hold the EMA network under "ema"; student checkpoints hold the network
-    to sample with under "net" and say how under "sampler" ("ddim" or "renoise").
-    Returns (net in eval mode, sampler kind, checkpoint dict).
-    """
-    ck = load_checkpoint(path, map_location=device)
-    key = "net" if "net" in ck else "ema"
-    if key not in ck or "model_config" not in ck:
-        fail(f"{path} holds no network ('net' or 'ema' with 'model_config'): pass a ckpt.pt "
-             f"written by teacher.py or a method script")
-    model = build_net(ck["model_config"]).to(device)
-    load_weights(model, ck[key], what=path)
-    return model.eval().requires_grad_(False), ck.get("sampler", "ddim"), ck

@@ -45,7 +45,7 @@ import common as C
 import evaluate as E
 import harness as H
 import published as P
-from teacher import load_teacher
+from teacher import load_teacher, make_student
 
 
 @dataclass
@@ -92,7 +92,7 @@ def scalings(t):
     return (SD ** 2 / (st ** 2 + SD ** 2)).float(), (st / (st ** 2 + SD ** 2).sqrt()).float()
 
 
-def consistency_fn(net, x, t, y=None, w=0.0, bound="none"):
+def consistency_fn(net, x, t, y=None, w=0.0, *, bound):
     """f(x, t) = c_skip x + c_out bound(x0_hat(x, t)) for per-sample times t [B], at labels y and
     guidance w (a w-conditioned student takes w as an input: common.guided)."""
     alpha, sigma = (C.bcast(c, x) for c in C.alpha_sigma(t))
@@ -102,7 +102,7 @@ def consistency_fn(net, x, t, y=None, w=0.0, bound="none"):
 
 
 @torch.no_grad()
-def teacher_step(teacher, x, t, s, y=None, w=0.0, bound="reflect"):
+def teacher_step(teacher, x, t, s, y=None, w=0.0, *, bound):
     """One DDIM step t -> s (per-sample [B]) of the (guided) teacher; lands on x0_hat where s = 0."""
     (a_t, s_t), (a_s, s_s) = C.alpha_sigma(t), C.alpha_sigma(s)
     v = C.guided(teacher, y, w)(x, t).float()
@@ -116,14 +116,15 @@ def distance(a, b, loss="l2", c=1e-3):
     return (d2 if loss == "l2" else (d2 + c * c).sqrt() - c).flatten(1).mean(1)
 
 
-def consistency_loss(student, target, teacher, x, n, grid, y=None, w=0.0, bound="reflect",
+def consistency_loss(student, target, teacher, x, n, grid, y=None, w=0.0, *, bound,
                      loss="l2", huber_c=1e-3):
     """Per-sample CD loss at states x on grid indices n [B] (1..grid): the label is the target
     network's f after one teacher step, computed without grad."""
     t, s = n.float() / grid, (n.float() - 1) / grid
     with torch.no_grad():
-        label = consistency_fn(target, teacher_step(teacher, x, t, s, y, w, bound), s, y, w, bound)
-    return distance(consistency_fn(student, x, t, y, w), label, loss, huber_c)
+        x_s = teacher_step(teacher, x, t, s, y, w, bound=bound)
+        label = consistency_fn(target, x_s, s, y, w, bound=bound)
+    return distance(consistency_fn(student, x, t, y, w, bound="none"), label, loss, huber_c)
 
 
 def make_target(student, decay):
@@ -158,35 +159,33 @@ def data_states(x0, y, w, grid):
 
 
 @torch.no_grad()
-def teacher_rollout(teacher, x1, y, w, steps, grid, bound):
+def teacher_rollout(teacher, x1, y, w, *, steps, grid, bound):
     """The teacher's own DDIM trajectory from noise x1 on the N-step training grid (at labels y,
     guidance w), kept at the K sampling times tau_1..tau_K: [K n] states, tau-major."""
     sub = grid // steps
     ts = C.time_grid(grid)[:(steps - 1) * sub + 1]  # 1 ... tau_K on the training grid
-    x, states = C.ddim_sample(C.guided(teacher, y, w), x1, ts, bound, return_states=True)
-    return _trajectory(states[::sub] + [x], C.time_grid(steps)[:-1], y, w)
+    x, states = C.ddim_sample(C.guided(teacher, y, w), x1, ts, bound=bound, return_states=True)
+    return C.trajectory(states[::sub] + [x], C.time_grid(steps)[:-1], y, w)
 
 
 @torch.no_grad()
-def student_rollout(student, x1, y, w, steps, bound, teacher=None, grid=0, p=0.0):
+def student_rollout(student, x1, y, w, *, steps, bound, expert=None, grid=0, p=0.0):
     """The student's own K-step sampler (re-noising) from noise x1: its states at tau_1..tau_K.
-    With p > 0 each step is, with probability p, the teacher's own action from that state (its
+    With p > 0 each step is, with probability p, the expert's own action from that state (its
     DDIM on the training grid down to the next tau: --rollout-teacher-p, DAgger's mixture)."""
     taus, fine, sub = C.time_grid(steps), C.time_grid(grid or steps), (grid or steps) // steps
     noises = [torch.randn_like(x1) for _ in range(steps)]
-    own = lambda x, i, idx: C.ddim_sample(C.guided(student, C.select(y, idx), w[idx]), x,  # noqa: E731
-                                          taus[i:i + 2], bound, [noises[i][idx]])
-    expert = lambda x, i, idx: C.ddim_sample(C.guided(teacher, C.select(y, idx), w[idx]), x,  # noqa: E731
-                                             fine[i * sub:(i + 1) * sub + 1], bound)
-    return _trajectory(C.dagger_rollout(x1, steps - 1, own, expert, p), taus[:-1], y, w)
 
+    def own_step(x, i, idx):  # one re-noising step tau_i -> tau_{i+1}
+        denoise = C.guided(student, C.select(y, idx), w[idx])
+        return C.ddim_sample(denoise, x, taus[i:i + 2], bound=bound, noises=[noises[i][idx]])
 
-def _trajectory(states, taus, y, w):
-    """States [K][n, ...] at times taus [K] -> flat (x [K n], t, y, w), each state keeping its
-    trajectory's label and guidance weight."""
-    n, K = len(states[0]), len(states)
-    t = taus.to(states[0].device).repeat_interleave(n)
-    return torch.cat(states).float(), t, None if y is None else y.repeat(K), w.repeat(K)
+    def expert_step(x, i, idx):  # the expert's DDIM on the training grid over the same interval
+        denoise = C.guided(expert, C.select(y, idx), w[idx])
+        return C.ddim_sample(denoise, x, fine[i * sub:(i + 1) * sub + 1], bound=bound)
+
+    states = C.dagger_rollout(x1, steps - 1, own_step, expert_step, p)
+    return C.trajectory(states, taus[:-1], y, w)
 
 
 # ---- one training step ------------------------------------------------------------------------
@@ -201,7 +200,7 @@ def train_step(net, student, target, teacher, opt, x, t, y, w, cfg):
         with sync:
             with H.autocast(x.device, cfg.bf16):
                 losses = consistency_loss(net, target, teacher, x_m, n_m, cfg.grid, y_m, w_m,
-                                          cfg.bound, cfg.loss, cfg.huber_c)
+                                          bound=cfg.bound, loss=cfg.loss, huber_c=cfg.huber_c)
             (losses.mean() / cfg.grad_accum).backward()
         parts.append(losses.detach())
     torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
@@ -229,16 +228,13 @@ def main(argv=None):
     cfg = H.parse_config(Config, argv, PRESETS)
     betas = check(cfg)
     rank, world, device, data = H.setup(cfg, "lcm_ddil")
-    teacher, _ = load_teacher(cfg.teacher, cfg.dataset, device, cfg.cond, cfg.edm_repo)
+    teacher = load_teacher(cfg.teacher, cfg.dataset, device, cfg.cond, cfg.edm_repo, cfg.data_dir)
     K, N, nc = cfg.steps, cfg.grid, teacher.num_classes
     guided = nc > 0 and cfg.w_max > 0  # a w-conditioned student distils the guided teacher
     w_eval = 0.5 * (cfg.w_min + cfg.w_max) if guided else 0.0
 
-    if guided and hasattr(teacher, "make_student"):
-        H.fail(f"--teacher {cfg.teacher} (published) has no guidance-weight input for an LCM student: "
-               f"pass --w-min 0 --w-max 0 (CD at its labels, unguided)")
     torch.manual_seed(cfg.seed)  # the w embedding's random init: same seed, same run
-    student = C.student_of(teacher, cfg.student_head, w_embed=guided)
+    student = make_student(teacher, cfg.student_head, w_embed=guided)
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     if not os.path.isfile(ckpt_path):  # a fresh run fits a re-read v head first; a resume loads it
         P.warm_up_head(student, teacher, data, cfg.head_warmup, cfg.batch_size, cfg.lr, cfg.seed)
@@ -260,6 +256,13 @@ def main(argv=None):
         return (torch.randn(n, *shape, device=device), C.random_labels(n, nc, device),
                 guidance_weights(n, *w_range, device))
 
+    def teacher_source(n):  # the teacher's DDIM on the N-step training grid, kept at the K times
+        return teacher_rollout(teacher, *new_trajectories(n), steps=K, grid=N, bound=cfg.bound)
+
+    def student_source(n):  # the student's own K-step sampler, DAgger-mixed with the teacher
+        return student_rollout(student, *new_trajectories(n), steps=K, bound=cfg.bound,
+                               expert=teacher, grid=N, p=cfg.rollout_teacher_p)
+
     protocol = dict(dataset=cfg.dataset, bound=cfg.sample_bound, seed=cfg.seed, device=device,
               data_dir=cfg.data_dir, w=w_eval)
     batches = H.Batches(data, cfg.batch_size, cfg.seed, rank, world, device)
@@ -273,11 +276,8 @@ def main(argv=None):
         x0, y0 = batches.get(step)
         x, t, y, w, src = C.cat_states(
             data_states(x0[:n_data], y0[:n_data], guidance_weights(n_data, *w_range, device), N),
-            C.replay(buffers["teacher"], lambda n: teacher_rollout(teacher, *new_trajectories(n), K, N, cfg.bound),
-                     n_teacher, refresh, K),
-            C.replay(buffers["student"], lambda n: student_rollout(student, *new_trajectories(n), K, cfg.bound,
-                                                                       teacher, N, cfg.rollout_teacher_p),
-                     n_student, refresh, K))
+            C.replay(buffers["teacher"], teacher_source, n_teacher, refresh, K),
+            C.replay(buffers["student"], student_source, n_student, refresh, K))
         losses = train_step(net, student, target, teacher, opt, x, t, y if nc else None, w, cfg)
         step += 1
         train_time += time.time() - t0
@@ -306,8 +306,8 @@ def main(argv=None):
     def imitation_error(x_t, t, y):  # the CD loss at a state, at the evaluation's w
         n_t = torch.full((len(x_t),), round(t * N), device=device)
         with torch.no_grad(), H.autocast(device, cfg.bf16):
-            return consistency_loss(student, target, teacher, x_t, n_t, N, y, w_eval, cfg.bound,
-                                    cfg.loss, cfg.huber_c)
+            return consistency_loss(student, target, teacher, x_t, n_t, N, y, w_eval,
+                                    bound=cfg.bound, loss=cfg.loss, huber_c=cfg.huber_c)
     ks = sorted({1, 2, K})
     E.final_evaluation(cfg.out, student, "renoise", ks, teacher, ks + [cfg.reference_steps],
                                 cfg.eval_samples, imitation_error, cfg.shift_samples, ref_samples=cfg.ref_samples, extra={

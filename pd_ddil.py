@@ -50,7 +50,7 @@ import common as C
 import evaluate as E
 import harness as H
 import published as P
-from teacher import load_teacher
+from teacher import build_net, load_teacher, make_student
 
 
 @dataclass
@@ -151,25 +151,29 @@ def data_states(x0, y, N):
 
 
 @torch.no_grad()
-def rollout_states(net, x1, y, w, N, sub, bound, expert=None, expert_w=0.0, p=0.0):
+def rollout_states(net, x1, y, w, N, sub, *, bound, expert=None, expert_w=0.0, p=0.0):
     """The trajectories of net's N*sub-step DDIM sampler from noise x1 (labels y, guidance w), kept
     at every sub-th state, i.e. at t = 1, (N-1)/N, ..., 1/N: (x [n N, ...], t, y, w), t-major.
     The teacher's rollouts run its own 2N-step sampler (sub = 2), the student's its N steps; with
     p > 0 each student step is, with probability p, the expert's (the stage teacher's two DDIM
     steps at its guidance expert_w): --rollout-teacher-p, DAgger's mixture."""
-    n, ts, fine = len(x1), C.time_grid(N * sub), C.time_grid(N * 2)
-    own = lambda x, i, idx: C.ddim_sample(C.guided(net, C.select(y, idx), w), x,  # noqa: E731
-                                          ts[i * sub:(i + 1) * sub + 1], bound)
-    exp = lambda x, i, idx: C.ddim_sample(C.guided(expert, C.select(y, idx), expert_w), x,  # noqa: E731
-                                          fine[2 * i:2 * i + 3], bound)
-    states = C.dagger_rollout(x1, N - 1, own, exp, p)
-    t = (torch.arange(N, 0, -1, device=x1.device).float() / N).repeat_interleave(n)
-    return torch.cat(states), t, (None if y is None else y.repeat(N)), w
+    ts, fine = C.time_grid(N * sub), C.time_grid(N * 2)
+
+    def own_step(x, i, idx):  # net's sub DDIM steps from t = 1 - i/N to 1 - (i+1)/N
+        denoise = C.guided(net, C.select(y, idx), w)
+        return C.ddim_sample(denoise, x, ts[i * sub:(i + 1) * sub + 1], bound=bound)
+
+    def expert_step(x, i, idx):  # the expert's two DDIM steps over the same interval
+        denoise = C.guided(expert, C.select(y, idx), expert_w)
+        return C.ddim_sample(denoise, x, fine[2 * i:2 * i + 3], bound=bound)
+
+    states = C.dagger_rollout(x1, N - 1, own_step, expert_step, p)
+    return C.trajectory(states, torch.arange(N, 0, -1).float() / N, y, w)
 
 
 def stage_teacher(ck, path, device):
     """The teacher of the stage a checkpoint was written in (frozen)."""
-    teacher = H.build_net(ck["teacher_config"]).to(device)
+    teacher = build_net(ck["teacher_config"]).to(device)
     H.load_weights(teacher, ck["teacher"], what=path)
     return teacher.eval().requires_grad_(False)
 
@@ -204,11 +208,11 @@ def main(argv=None):
     cfg = H.parse_config(Config, argv, PRESETS)
     stages, betas = check(cfg)
     rank, world, device, data = H.setup(cfg, "pd_ddil")
-    teacher0, _ = load_teacher(cfg.teacher, cfg.dataset, device, cfg.cond, cfg.edm_repo)
+    teacher0 = load_teacher(cfg.teacher, cfg.dataset, device, cfg.cond, cfg.edm_repo, cfg.data_dir)
     nc = teacher0.num_classes
     w_guide = cfg.guidance if nc else 0.0  # the first teacher's guidance; later stages are plain
 
-    student = C.student_of(teacher0, cfg.student_head)  # a copy of the teacher, no dropout
+    student = make_student(teacher0, cfg.student_head)  # a copy of the teacher, no dropout
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     if not os.path.isfile(ckpt_path):  # a fresh run fits a re-read v head first; a resume loads it
         P.warm_up_head(student, teacher0, data, cfg.head_warmup, cfg.batch_size, cfg.lr, cfg.seed)
@@ -250,6 +254,14 @@ def main(argv=None):
                 buffers[k].load_state_dict(sd)
         ck = None
         every = cfg.refresh_every or N
+
+        def teacher_source(n):  # the stage teacher's own 2N-step sampler, at its guidance
+            return rollout_states(teacher, *new_trajectories(n), w=w, N=N, sub=2, bound=cfg.bound)
+
+        def student_source(n):  # the student's own N-step sampler, DAgger-mixed with the teacher
+            return rollout_states(student, *new_trajectories(n), w=0.0, N=N, sub=1,
+                                  bound=cfg.bound, expert=teacher, expert_w=w,
+                                  p=cfg.rollout_teacher_p)
         while step < min((stage + 1) * ips, stop):
             t0 = time.time()
             H.step_seed(cfg.seed, rank, step)
@@ -260,11 +272,8 @@ def main(argv=None):
             x0, y0 = batches.get(step)
             x_t, t, y, _, _ = C.cat_states(
                 data_states(x0[:n_data], y0[:n_data], N),
-                C.replay(buffers["teacher"], lambda n: rollout_states(teacher, *new_trajectories(n), w, N, 2, cfg.bound),
-                         n_teacher, refresh, N),
-                C.replay(buffers["student"], lambda n: rollout_states(student, *new_trajectories(n), 0.0, N, 1, cfg.bound,
-                                                                      teacher, w, cfg.rollout_teacher_p),
-                         n_student, refresh, N))
+                C.replay(buffers["teacher"], teacher_source, n_teacher, refresh, N),
+                C.replay(buffers["student"], student_source, n_student, refresh, N))
             loss = train_step(net, student, teacher, opt, x_t, t, y if nc else None, w, N,
                               cfg.lr * (1.0 - j / ips), cfg)
             step += 1

@@ -912,12 +912,3 @@ def warm_up_head(student, teacher, data, iters, batch_size, lr, seed=0):
     if H.is_main():
         print(f"student head v: fitted to the teacher for {iters} iterations, loss {loss:.3g}", flush=True)
     return loss
-
-
-def _make_student(self, head="auto"):
-    """common.student_of's hook for wrapped networks: student_copy(self, head=head)."""
-    return student_copy(self, head=head)
-
-
-DiffusersTeacher.make_student = _make_student
-EDMTeacher.make_student = _make_student

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common as C
 import harness as H
+import published
 
 
 @dataclass
@@ -54,7 +55,7 @@ def build_model(cfg):
 
 def main(argv=None):
     cfg = H.parse_config(Config, argv, PRESETS)
-    cfg.out = cfg.out or os.path.dirname(H.default_teacher_path(cfg.dataset, cfg.cond))
+    cfg.out = cfg.out or os.path.dirname(default_teacher_path(cfg.dataset, cfg.cond))
     H.check_positive(cfg, "iters", "batch_size", "log_every", "ckpt_every", "grad_accum",
                      "sample_count")
     if cfg.batch_size % cfg.grad_accum:
@@ -138,41 +139,112 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     x1 = torch.randn(cfg.sample_count, ch, res, res, device=device)
     y = torch.arange(cfg.sample_count, device=device) % model.num_classes if cfg.cond else None
-    samples = C.ddim_sample(C.guided(ema, y), x1, C.time_grid(cfg.sample_steps), "clip")
+    samples = C.ddim_sample(C.guided(ema, y), x1, C.time_grid(cfg.sample_steps),
+                            bound="clip")
     H.save_grid(samples, os.path.join(cfg.out, "samples.png"), nrow=min(8, cfg.sample_count))
     H.barrier()
     return ema
 
 
-def load_teacher(path, dataset, device="cpu", cond=False, edm_repo=""):
-    """The teacher's EMA network (eval mode, frozen) and its saved config dict, for the method
-    scripts. With no path, runs/teacher-<dataset>[-cond]/ckpt.pt; when that is missing, this
-    file trains it first (saying so), so a method script runs end to end on a fresh machine.
+# ----------------------------------------------------------------------------------------------
+# networks from checkpoints, and the teacher a method distils
+# ----------------------------------------------------------------------------------------------
+
+SHIPPED = "assets"  # digits teachers shipped with the code (EMA weights in fp16): see README
+
+
+def default_teacher_path(dataset, cond=False):
+    """Where teacher.py writes a data set's default teacher (and a method script looks first)."""
+    return os.path.join("runs", f"teacher-{dataset}{'-cond' if cond else ''}", "ckpt.pt")
+
+
+def shipped_teacher_path(dataset, cond=False):
+    """The teacher shipped in assets/ for a data set, or None (only the digits labs have one)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(here, SHIPPED, f"teacher-{dataset}{'-cond' if cond else ''}.pt")
+    return path if os.path.isfile(path) else None
+
+
+def build_net(config):
+    """A network (random weights) from the `config` a checkpoint saved: our U-Net, or a wrapped
+    published one (config["kind"]: published.py, which needs diffusers)."""
+    if "kind" in config:
+        return published.build_from_config(config)
+    return C.UNet(**config)
+
+
+def load_net(path, device="cpu"):
+    """The sampling network of any checkpoint this project writes, with its sampler kind.
+
+    Teacher checkpoints hold the EMA network under "ema"; student checkpoints hold the network
+    to sample with under "net" and say how under "sampler" ("ddim" or "renoise").
+    Returns (net in eval mode, sampler kind, checkpoint dict).
+    """
+    ck = H.load_checkpoint(path, map_location=device)
+    key = "net" if "net" in ck else "ema"
+    if key not in ck or "model_config" not in ck:
+        H.fail(f"{path} holds no network ('net' or 'ema' with 'model_config'): pass a ckpt.pt "
+               f"written by teacher.py or a method script")
+    model = build_net(ck["model_config"]).to(device)
+    H.load_weights(model, ck[key], what=path)
+    return model.eval().requires_grad_(False), ck.get("sampler", "ddim"), ck
+
+
+def load_teacher(path, dataset, device="cpu", cond=False, edm_repo="", data_dir="data"):
+    """The teacher's EMA network (eval mode, frozen) for the method scripts.
+
     A published teacher (`diffusers:<folder or hub id>`, `edm-adm:<.pt>`, `edm-pkl:<.pkl>`) is
     wrapped to the same interface by published.py (`edm-pkl:` builds NVlabs' network with the
-    user's own EDM checkout, edm_repo)."""
-    import published
+    user's own EDM checkout, edm_repo). With no path, in this order: runs/teacher-<dataset>
+    [-cond]/ckpt.pt (a teacher you trained), the digits teacher shipped in assets/, and for
+    digits and mnist a teacher trained here first by this file (saying so and how long it takes).
+    A larger data set's teacher is days of GPU time: that is a one-line error with the commands.
+    """
     if published.is_published_spec(path):  # diffusers:..., edm-adm:..., edm-pkl:...
         model = published.load_published_teacher(path, device, edm_repo or None)
         ch, res, _ = H.DATASETS[dataset]
         if (model.config["in_ch"], model.config["resolution"]) != (ch, res):
             H.fail(f"--teacher {path} makes {model.config['in_ch']}x{model.config['resolution']}^2 "
                    f"images but --dataset {dataset} is {ch}x{res}^2; pass a matching --dataset")
-        return model, {"dataset": dataset, "teacher": path}
+        return model
     if not path:
-        path = H.default_teacher_path(dataset, cond)
-        if not os.path.isfile(path):
-            args = ["--dataset", dataset, "--out", os.path.dirname(path)] + (["--cond"] if cond else [])
+        path = default_teacher_path(dataset, cond)
+        if not os.path.isfile(path) and shipped_teacher_path(dataset, cond):
+            path = shipped_teacher_path(dataset, cond)
             if H.is_main():
-                print(f"no teacher at {path}: training the default {dataset} teacher first "
-                      f"(python teacher.py {' '.join(args)})", flush=True)
+                print(f"teacher: the shipped {os.path.relpath(path)} (train your own with "
+                      f"python teacher.py{' --cond' if cond else ''}; it is then used instead)",
+                      flush=True)
+        elif not os.path.isfile(path):
+            args = ["--dataset", dataset, "--out", os.path.dirname(path), "--data-dir", data_dir,
+                    "--device", device if isinstance(device, str) else str(device)]
+            args += ["--cond"] if cond else []
+            if dataset not in ("digits", "mnist"):
+                H.fail(f"no teacher at {path}: train one (torchrun --nproc_per_node=8 teacher.py "
+                       f"{' '.join(args[:-2])}, days on 8 GPUs: docs/reproduce.md) or pass a "
+                       f"published one with --teacher diffusers:|edm-adm:|edm-pkl:")
+            if H.is_main():
+                print(f"no teacher at {path}: training it first (python teacher.py "
+                      f"{' '.join(args)}; digits takes about 7 min on 2 CPU cores)", flush=True)
             main(args)
             H.barrier()
-    model, _, ck = H.load_net(path, device)
+    model, _, ck = load_net(path, device)
     if ck.get("config", {}).get("dataset") != dataset:
         H.fail(f"teacher {path} was trained on {ck.get('config', {}).get('dataset')!r} but --dataset "
                f"is {dataset!r}; pass a matching --teacher")
-    return model, ck["config"]
+    return model
+
+
+def make_student(teacher, head="auto", w_embed=False):
+    """A trainable copy of the teacher, without dropout: common.student_of for our U-Net
+    (w_embed: LCM's guidance-weight input, starting at zero), published.student_copy (with its
+    output head, --student-head) for a wrapped published network."""
+    if isinstance(teacher, C.UNet):  # (--student-head v is refused for it by check_ddil)
+        return C.student_of(teacher, w_embed=w_embed)
+    if w_embed:
+        H.fail("a published teacher has no guidance-weight input to give an LCM student: "
+               "pass --w-min 0 --w-max 0 (CD at its labels, unguided)")
+    return published.student_copy(teacher, head=head)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import torch
 
 import common as C
 import harness as H
+from teacher import load_net
 
 
 # ---- schedule -------------------------------------------------------------------------------
@@ -80,7 +81,7 @@ def test_reflected_step_matches_formulas(bound, with_noise, per_sample):
 
 def test_reflected_step_keeps_dtype_and_rejects_bad_bound():
     x = torch.randn(2, 1, 4, 4, dtype=torch.bfloat16)
-    xs, x0 = C.reflected_step(x, x, 0.6, 0.8, 0.8, 0.6)
+    xs, x0 = C.reflected_step(x, x, 0.6, 0.8, 0.8, 0.6, bound="reflect")
     assert xs.dtype == x0.dtype == torch.bfloat16
     with pytest.raises(ValueError):
         C.reflected_step(x, x, 0.6, 0.8, 0.8, 0.6, bound="tanh")
@@ -139,7 +140,7 @@ def test_ddim_states_and_renoise_sampler():
     assert len(states) == 4 and states[0] is x1 and out.abs().max() <= 1
     # re-noising: x_{tau_2} = alpha x0_hat(x_1) + sigma z exactly
     z = [torch.randn_like(x1) for _ in range(4)]
-    _, st = C.ddim_sample(gaussian_denoiser, x1, C.time_grid(4), "none", noises=z, return_states=True)
+    _, st = C.ddim_sample(gaussian_denoiser, x1, C.time_grid(4), bound="none", noises=z, return_states=True)
     a, s = C.alpha_sigma(1.0)
     x0 = C.x0_from_v(x1, gaussian_denoiser(x1, torch.ones(8)), a, s)
     a2, s2 = C.alpha_sigma(0.75)
@@ -315,7 +316,7 @@ def test_checkpoint_round_trip_is_atomic_and_weights_only(tmp_path):
     H.save_checkpoint(path, {"net": net.state_dict(), "model_config": net.config, "step": 7,
                              "sampler": "ddim", "config": {"dataset": "digits"}})
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
-    loaded, kind, ck = H.load_net(path)
+    loaded, kind, ck = load_net(path)
     assert kind == "ddim" and ck["step"] == 7
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))
 

@@ -8,6 +8,7 @@ import torch
 
 import common as C
 import harness as H
+from teacher import load_net
 import dmd2_ddil as D
 from conftest import cfg_v, ddim_step, random_unet
 
@@ -92,13 +93,13 @@ def test_rollouts_carry_no_graph_and_land_on_the_grid():
     K, n = 4, 3
     taus = C.time_grid(K)[:-1]
     x1 = torch.randn(n, 1, 8, 8)
-    x, t, _, _ = D.backward_simulation(G, x1, None, taus, "reflect")
+    x, t, _, _ = D.backward_simulation(G, x1, None, taus, bound="reflect")
     assert not x.requires_grad and x.grad_fn is None
     assert x.shape == (K * n, 1, 8, 8) and torch.equal(t, taus.repeat_interleave(n))
     torch.testing.assert_close(x[:n], x1)  # tau_1 = 1: the noise itself
     # the state at tau_2 is G's bounded sample at tau_1, re-noised to tau_2 with fresh noise
     torch.manual_seed(7)
-    x = D.backward_simulation(G, x1, None, taus, "reflect")[0]
+    x = D.backward_simulation(G, x1, None, taus, bound="reflect")[0]
     torch.manual_seed(7)
     z = torch.randn_like(x1)  # the first re-noising draw
     x0 = C.bound_x0(D.x0_of(lambda x, s: G(x, s), x1, torch.ones(n)), "reflect")
@@ -112,7 +113,7 @@ def test_teacher_rollout_follows_the_guided_teacher_and_keeps_labels():
     K, n, w = 2, 3, 2.0
     taus = C.time_grid(K)[:-1]
     x1, y = torch.randn(n, 1, 8, 8), torch.tensor([2, 0, 1])
-    x, t, yy, ww = D.teacher_rollout(T, x1, y, w, taus, 2, "reflect")
+    x, t, yy, ww = D.teacher_rollout(T, x1, y, w, taus, substeps=2, bound="reflect")
     z = x1
     with torch.no_grad():
         for i in range(2):  # 2 substeps from t = 1 to tau_2 = 1/2
@@ -122,7 +123,7 @@ def test_teacher_rollout_follows_the_guided_teacher_and_keeps_labels():
     torch.testing.assert_close(x[n:], z, atol=1e-5, rtol=1e-4)
     assert not x.requires_grad and yy.tolist() == [2, 0, 1] * 2 and ww == w and t.tolist() == [1.0] * 3 + [0.5] * 3
     # the diagnostic's label: the guided teacher's DDIM sample from the state, at its label
-    label = D.teacher_sample_from(T, x[n:], 0.5, K, 2, "reflect", y, w)
+    label = D.teacher_sample_from(T, x[n:], 0.5, K, 2, y, w, bound="reflect")
     z = x[n:]
     with torch.no_grad():
         for i in range(2, 4):
@@ -145,7 +146,7 @@ def test_generator_update_is_the_dm_gradient_against_the_guided_real_score():
     cfg = dmd2_cfg()
     x_in, t_in, y = torch.randn(6, 1, 8, 8), torch.tensor([1.0, 0.5] * 3), torch.tensor([0, 1, 2, 0, 1, 2])
     # written out: G's sample, then the DM gradient with T guided at w and F at the label
-    x = D.generator_sample(G, x_in, t_in, y, "reflect")
+    x = D.generator_sample(G, x_in, t_in, y, bound="reflect")
     a, sg = (C.bcast(c, x) for c in C.alpha_sigma(t_in))
     torch.testing.assert_close(x, C.reflect(a * x_in - sg * G(x_in, t_in, y)))
     torch.manual_seed(9)
@@ -161,9 +162,9 @@ def test_generator_update_is_the_dm_gradient_against_the_guided_real_score():
     before = {n: [p.detach().clone() for p in m.parameters()] for n, m in (("G", G), ("F", fake), ("D", head), ("T", T))}
     G.zero_grad()
     opt = torch.optim.SGD(G.parameters(), lr=10.0)
-    x = D.generator_sample(G, x_in, t_in, y, "reflect")
+    x = D.generator_sample(G, x_in, t_in, y, bound="reflect")
     torch.manual_seed(9)
-    rec = D.generator_update(G, G, fake, head, T, opt, x, y, cfg)
+    rec = D.generator_update(G, fake, head, T, opt, x, y, cfg)
     assert set(rec) == {"loss_dm"}
     for p, b, g in zip(G.parameters(), before["G"], grads):
         torch.testing.assert_close(p.detach(), b - 10.0 * g, atol=1e-6, rtol=1e-4)
@@ -177,7 +178,7 @@ def test_fake_score_update_denoises_gs_samples_and_leaves_g_alone():
     G, fake = random_unet(2, num_classes=3), random_unet(3, num_classes=3)
     head = D.gan_head(fake.mid_ch)
     cfg = dmd2_cfg()
-    x = D.generator_sample(G, torch.randn(4, 1, 8, 8), torch.ones(4), torch.arange(4) % 3, "reflect")
+    x = D.generator_sample(G, torch.randn(4, 1, 8, 8), torch.ones(4), torch.arange(4) % 3, bound="reflect")
     real, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
     torch.manual_seed(2)
     t = torch.rand(4)
@@ -219,9 +220,9 @@ def test_tiny_run_writes_every_output_and_follows_two_time_scales(tiny_teacher, 
     assert ck["opt_f"]["state"][0]["step"].item() == 7
     logged = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["step"] for r in logged if "loss_dm" in r] == [1, 4, 7]
-    net, kind, _ = H.load_net(str(tmp_path / "ckpt.pt"))  # the checkpoint contract
+    net, kind, _ = load_net(str(tmp_path / "ckpt.pt"))  # the checkpoint contract
     assert kind == "renoise"
-    assert C.generate(net, 4, 2, kind).abs().max() <= 1.0
+    assert C.generate(net, 4, 2, kind, bound="clip").abs().max() <= 1.0
 
 
 def test_resume_matches_an_uninterrupted_run(tiny_teacher, tmp_path):
@@ -245,6 +246,7 @@ def test_rollout_teacher_p_one_is_the_teachers_trajectory():
     T, G = random_unet(1, num_classes=3).requires_grad_(False), random_unet(2, num_classes=3)
     taus = C.time_grid(3)[:-1]
     x1, y = torch.randn(3, 1, 8, 8), torch.tensor([2, 0, 1])
-    want = D.teacher_rollout(T, x1, y, 2.0, taus, 2, "reflect")[0]
-    got = D.backward_simulation(G, x1, y, taus, "reflect", T, 2.0, 2, 1.0)[0]
+    want = D.teacher_rollout(T, x1, y, 2.0, taus, substeps=2, bound="reflect")[0]
+    got = D.backward_simulation(G, x1, y, taus, bound="reflect", expert=T,
+                                 expert_w=2.0, substeps=2, p=1.0)[0]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

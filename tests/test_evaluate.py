@@ -9,6 +9,7 @@ import torch
 
 import common as C
 import harness as H
+from teacher import load_net
 import evaluate as E
 
 
@@ -280,7 +281,7 @@ def test_cli_on_tiny_teacher(tiny_teacher, cache, tmp_path):
     assert res["rows"] == on_disk["rows"]
     assert len(on_disk["noise_floor"]["vs_real"]) == 2
     # the covariate-shift inputs from a real network: grid times, shapes, own state at t = 1 is noise
-    net, kind, _ = H.load_net(tiny_teacher)
+    net, kind, _ = load_net(tiny_teacher)
     data_s, own_s = E.grid_states(net, kind, 2, 16, seed=1)
     assert list(data_s) == list(own_s) == C.time_grid(2)[:-1].tolist()
     assert all(x.shape == (16, 1, 8, 8) and y is None for x, y in (*data_s.values(), *own_s.values()))

@@ -10,6 +10,7 @@ import torch
 
 import common as C
 import harness as H
+from teacher import load_net
 import lcm_ddil as L
 from conftest import cfg_v, ddim_step, random_unet
 
@@ -26,9 +27,9 @@ def test_boundary_condition_f_tends_to_x():
         t0 = torch.zeros(6)
         a0, s0 = C.alpha_sigma(0.0)
         assert (C.x0_from_v(x, big_v(x, t0), a0, s0) - x).abs().min() > 1e-3  # x0_hat(x, 0) != x
-        assert torch.equal(L.consistency_fn(big_v, x, t0), x)  # ... but f(x, 0) = x exactly
-        assert torch.equal(L.consistency_fn(net, x, t0), x)
-        errs = [(L.consistency_fn(big_v, x, torch.full((6,), t)) - x).abs().max().item()
+        assert torch.equal(L.consistency_fn(big_v, x, t0, bound="none"), x)  # ... but f(x, 0) = x exactly
+        assert torch.equal(L.consistency_fn(net, x, t0, bound="none"), x)
+        errs = [(L.consistency_fn(big_v, x, torch.full((6,), t), bound="none") - x).abs().max().item()
                 for t in (1e-2, 1e-6, 1e-7, 1e-8, 1e-9)]
         assert errs[0] > 0.5 and all(a > b for a, b in zip(errs, errs[1:])) and errs[-1] < 1e-3
         # at the sampling times of K <= 4, f is x0_hat to float precision (the docstring's claim)
@@ -36,7 +37,7 @@ def test_boundary_condition_f_tends_to_x():
         alpha, sigma = C.alpha_sigma(t[0])
         x0 = C.x0_from_v(x, net(x, t), alpha, sigma)
         assert L.scalings(0.25)[0].item() < 1e-7
-        assert torch.allclose(L.consistency_fn(net, x, t), x0, atol=1e-6)
+        assert torch.allclose(L.consistency_fn(net, x, t, bound="none"), x0, atol=1e-6)
 
 
 def test_target_ema0_is_student_and_gets_no_gradient():
@@ -45,15 +46,15 @@ def test_target_ema0_is_student_and_gets_no_gradient():
 
     target = L.make_target(student, 0.0)
     assert target is student
-    L.consistency_loss(student, target, teacher, x, n, 48).mean().backward()
+    L.consistency_loss(student, target, teacher, x, n, 48, bound="reflect").mean().backward()
     g_cd = [p.grad.clone() for p in student.parameters()]
     # the same loss with the label computed beforehand as a constant: identical gradients, so
     # nothing flowed through the target branch
     student.zero_grad()
     t, s = n / 48, (n - 1) / 48
     with torch.no_grad():
-        label = L.consistency_fn(student, L.teacher_step(teacher, x, t, s), s, bound="reflect")
-    L.distance(L.consistency_fn(student, x, t), label).mean().backward()
+        label = L.consistency_fn(student, L.teacher_step(teacher, x, t, s, bound="reflect"), s, bound="reflect")
+    L.distance(L.consistency_fn(student, x, t, bound="none"), label).mean().backward()
     for a, p in zip(g_cd, student.parameters()):
         assert torch.allclose(a, p.grad, rtol=1e-5, atol=1e-8)
     assert any(a.abs().sum() > 0 for a in g_cd)
@@ -63,7 +64,7 @@ def test_target_ema0_is_student_and_gets_no_gradient():
     assert target is not student and not any(p.requires_grad for p in target.parameters())
     before = [p.clone() for p in target.parameters()]
     student.zero_grad()
-    L.consistency_loss(student, target, teacher, x, n, 48).mean().backward()
+    L.consistency_loss(student, target, teacher, x, n, 48, bound="reflect").mean().backward()
     assert all(p.grad is None for p in target.parameters())
     torch.optim.SGD(student.parameters(), lr=0.1).step()
     L.update_target(target, student, 0.95)
@@ -74,7 +75,7 @@ def test_target_ema0_is_student_and_gets_no_gradient():
 
 @pytest.mark.parametrize("bound", C.BOUNDS)
 def test_teacher_step_is_commons_ddim_step(tiny_teacher, bound):
-    teacher, _, _ = H.load_net(tiny_teacher)
+    teacher, _, _ = load_net(tiny_teacher)
     torch.nn.init.normal_(teacher.out[-1].weight, std=0.3)  # 20 iterations leave v ~ 0
     grid = 48
     n = torch.tensor([1, 1, 2, 12, 24, 36, 47, 48])
@@ -82,7 +83,7 @@ def test_teacher_step_is_commons_ddim_step(tiny_teacher, bound):
     got = L.teacher_step(teacher, x, n / grid, (n - 1) / grid, bound=bound)
     for i, k in enumerate(n.tolist()):
         ts = torch.tensor([k / grid, (k - 1) / grid])
-        want = C.ddim_sample(lambda z, t: teacher(z, t), x[i:i + 1], ts, bound)
+        want = C.ddim_sample(lambda z, t: teacher(z, t), x[i:i + 1], ts, bound=bound)
         assert torch.allclose(got[i:i + 1], want, atol=1e-5), (bound, k)
 
 
@@ -125,7 +126,7 @@ def test_guided_loss_and_update_match_the_written_out_cd_step(bound):
     t, s = n / grid, (n - 1) / grid
     label = cd_label(target, teacher, x, t, s, y, w, bound)
     want = (student_f(student, x, t, y, w) - label).square().flatten(1).mean(1)
-    got = L.consistency_loss(student, target, teacher, x, n, grid, y, w, bound)
+    got = L.consistency_loss(student, target, teacher, x, n, grid, y, w, bound=bound)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
     # the update: SGD on the mean loss moves the student by -lr * grad; the target follows by EMA
@@ -153,7 +154,7 @@ def test_state_sources_keep_their_conditioning_and_come_from_the_right_network()
     K, grid, m = 2, 8, 3
     x1, y, w = torch.randn(m, 1, 8, 8), torch.tensor([0, 1, 2]), torch.tensor([1.0, 2.0, 3.0])
     # teacher: its own guided DDIM on the training grid (8 steps), kept at tau = 1 and 1/2
-    x, t, yy, ww = L.teacher_rollout(teacher, x1, y, w, K, grid, "reflect")
+    x, t, yy, ww = L.teacher_rollout(teacher, x1, y, w, steps=K, grid=grid, bound="reflect")
     z = x1
     with torch.no_grad():
         for i in range(grid // K):  # 4 fine steps from t = 1 to t = 1/2
@@ -165,7 +166,7 @@ def test_state_sources_keep_their_conditioning_and_come_from_the_right_network()
     assert t.tolist() == [1.0] * m + [0.5] * m and yy.tolist() == y.tolist() * 2 and ww.tolist() == w.tolist() * 2
     # student: its own re-noising sampler, at its w input; the state at 1/2 is its x0 re-noised
     torch.manual_seed(5)
-    x, t, yy, ww = L.student_rollout(student, x1, y, w, K, "none")
+    x, t, yy, ww = L.student_rollout(student, x1, y, w, steps=K, bound="none")
     torch.manual_seed(5)
     noise = torch.randn_like(x1)
     with torch.no_grad():
@@ -243,7 +244,7 @@ def test_end_to_end_writes_outputs_and_resume_is_exact(tmp_path, tiny_teacher):
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2, 3, 4]
     assert {"loss_data", "loss_teacher", "loss_student"} <= set(logs[0])
-    net, sampler, ck = H.load_net(str(out / "ckpt.pt"))  # evaluate.py's entry point
+    net, sampler, ck = load_net(str(out / "ckpt.pt"))  # evaluate.py's entry point
     assert sampler == "renoise" and ck["steps"] == 4 and ck["step"] == 4
 
     # interrupted after step 2 (a checkpoint), then resumed: bit-identical to the full run, though
@@ -264,7 +265,7 @@ def test_end_to_end_writes_outputs_and_resume_is_exact(tmp_path, tiny_teacher):
     for name in ("teacher", "student"):
         assert torch.equal(a["buffers"][name]["x"], b["buffers"][name]["x"]), name
     first = {k: v for k, v in H.load_checkpoint(str(out / "ckpt.pt"))["net"].items()}
-    teacher_sd = H.load_net(tiny_teacher)[0].state_dict()
+    teacher_sd = load_net(tiny_teacher)[0].state_dict()
     assert any(not torch.equal(first[k], teacher_sd[k]) for k in teacher_sd)  # it trained
 
 
@@ -274,11 +275,13 @@ def test_rollout_teacher_p_one_is_the_teachers_own_trajectory():
     teacher = random_unet(3, num_classes=3).requires_grad_(False)
     student = random_unet(4, num_classes=3, w_embed=True)
     x1, y, w = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2]), torch.tensor([1.0, 2.0, 3.0])
-    x_t = L.teacher_rollout(teacher, x1, y, w, 4, 8, "reflect")[0]
-    x_p1 = L.student_rollout(student, x1, y, w, 4, "reflect", teacher, 8, 1.0)[0]
+    x_t = L.teacher_rollout(teacher, x1, y, w, steps=4, grid=8, bound="reflect")[0]
+    x_p1 = L.student_rollout(student, x1, y, w, steps=4, bound="reflect", expert=teacher,
+                              grid=8, p=1.0)[0]
     torch.testing.assert_close(x_p1, x_t, atol=1e-5, rtol=1e-4)
     torch.manual_seed(1)
-    x_p0 = L.student_rollout(student, x1, y, w, 4, "reflect", teacher, 8, 0.0)[0]
+    x_p0 = L.student_rollout(student, x1, y, w, steps=4, bound="reflect", expert=teacher,
+                              grid=8, p=0.0)[0]
     torch.manual_seed(1)
-    x_own = L.student_rollout(student, x1, y, w, 4, "reflect")[0]
+    x_own = L.student_rollout(student, x1, y, w, steps=4, bound="reflect")[0]
     assert torch.equal(x_p0, x_own) and not torch.allclose(x_p0[3:], x_t[3:], atol=1e-3)

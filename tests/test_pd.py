@@ -10,6 +10,7 @@ import torch
 
 import common as C
 import harness as H
+from teacher import load_net
 import pd_ddil as P
 from conftest import cfg_v, ddim_step, random_unet
 
@@ -41,7 +42,7 @@ def test_target_lands_on_teacher_two_steps(bound):
     assert (a * x_t[0] - s * analytic_teacher(x_t[:1], t[:1])).abs().max() > 1.5  # walls are hit
     for k in range(len(i)):
         ts = torch.tensor([i[k] / N, (i[k] - 0.5) / N, (i[k] - 1) / N])
-        two_steps = C.ddim_sample(lambda x, tt: analytic_teacher(x, tt), x_t[k:k + 1], ts, bound)
+        two_steps = C.ddim_sample(lambda x, tt: analytic_teacher(x, tt), x_t[k:k + 1], ts, bound=bound)
         if i[k] == 1:  # s = 0: the target is the teacher's last x0_hat, which is the sampler's output
             torch.testing.assert_close(x_tilde[k:k + 1], two_steps, rtol=0, atol=1e-6)
         else:
@@ -62,7 +63,7 @@ def test_target_with_small_unet_and_loss_zero_at_teacher():
         x_tilde = P.pd_target(net, x_t, t, N, "reflect")
         for k in range(4):
             ts = torch.tensor([float(t[k]), float(t[k]) - 0.25, float(t[k]) - 0.5])
-            two = C.ddim_sample(lambda x, tt: net(x, tt), x_t[k:k + 1], ts, "reflect")
+            two = C.ddim_sample(lambda x, tt: net(x, tt), x_t[k:k + 1], ts, bound="reflect")
             ref = two if ts[2] == 0 else one_ddim_step(x_t[k:k + 1], x_tilde[k:k + 1], ts[0], ts[2])
             torch.testing.assert_close(ref, two, rtol=1e-4, atol=1e-4)
         a, s = (C.bcast(c, x_t) for c in C.alpha_sigma(t))
@@ -138,7 +139,7 @@ def test_guided_target_loss_and_update_match_the_written_out_pd_step(bound):
 def test_rollouts_are_the_samplers_states_at_grid_times_with_their_labels():
     net = random_unet(1, num_classes=3).eval()
     x1, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 2, 1])
-    x, t, yy, w = P.rollout_states(net, x1, y, 1.5, 2, 2, "reflect")  # the 2N = 4-step teacher
+    x, t, yy, w = P.rollout_states(net, x1, y, 1.5, 2, 2, bound="reflect")  # the 2N = 4-step teacher
     z, states = x1, [x1]
     with torch.no_grad():
         for i in range(4):
@@ -192,9 +193,9 @@ def test_end_to_end_writes_every_output(full_run):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["N"] for r in log if "stage_fd" in r] == [2, 1]  # each stage's FD
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 7))
-    net, sampler, ck = H.load_net(str(out / "ckpt.pt"))  # the contract evaluate.py reads
+    net, sampler, ck = load_net(str(out / "ckpt.pt"))  # the contract evaluate.py reads
     assert sampler == "ddim" and ck["steps"] == 1 and ck["config"]["dataset"] == "digits"
-    teacher, _, _ = H.load_net(ck["config"]["teacher"])
+    teacher, _, _ = load_net(ck["config"]["teacher"])
     assert any(not torch.equal(a, b) for a, b in zip(net.state_dict().values(),
                                                      teacher.state_dict().values()))  # it trained
 
@@ -219,7 +220,8 @@ def test_interrupted_run_matches_uninterrupted(full_run, tiny_teacher, tmp_path)
 def test_rollout_teacher_p_one_is_the_stage_teachers_trajectory():
     teacher, student = random_unet(1, num_classes=3).eval(), random_unet(2, num_classes=3).eval()
     x1, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 2, 1])
-    want = P.rollout_states(teacher, x1, y, 1.5, 4, 2, "none")[0]
-    got = P.rollout_states(student, x1, y, 0.0, 4, 1, "none", teacher, 1.5, 1.0)[0]
+    want = P.rollout_states(teacher, x1, y, 1.5, 4, 2, bound="none")[0]
+    got = P.rollout_states(student, x1, y, 0.0, 4, 1, bound="none", expert=teacher,
+                             expert_w=1.5, p=1.0)[0]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(P.rollout_states(student, x1, y, 0.0, 4, 1, "none")[0][3:], want[3:], atol=1e-3)
+    assert not torch.allclose(P.rollout_states(student, x1, y, 0.0, 4, 1, bound="none")[0][3:], want[3:], atol=1e-3)

@@ -256,11 +256,11 @@ def test_real_unet2d_wrapped_and_sampled():
     assert teacher.config["kind"] == "diffusers" and teacher.config["w_embed"] is False
     torch.manual_seed(1)
     x = torch.randn(3, 1, 8, 8)
-    out = C.ddim_sample(C.guided(teacher), x, C.time_grid(4), "clip")
+    out = C.ddim_sample(C.guided(teacher), x, C.time_grid(4), bound="clip")
     assert out.shape == (3, 1, 8, 8) and torch.isfinite(out).all()
     v, feats = teacher(x, torch.full((3,), 0.5), return_features=True)
     assert feats.shape == (3, teacher.mid_ch, 4, 4) and v.shape == x.shape
-    imgs = C.generate(teacher, 2, 2)
+    imgs = C.generate(teacher, 2, 2, bound="clip")
     assert imgs.shape == (2, 1, 8, 8) and torch.isfinite(imgs).all()
 
 
@@ -268,16 +268,16 @@ def test_real_unet2d_labels_and_null():
     # 4 embeddings, the last one a null label: guidance works
     teacher = P.DiffusersTeacher(tiny_unet(num_class_embeds=4), SCHEDS["linear"], num_classes=3).eval()
     x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 2])
-    out = C.ddim_sample(C.guided(teacher, y, 1.5), x, C.time_grid(2), "clip")
+    out = C.ddim_sample(C.guided(teacher, y, 1.5), x, C.time_grid(2), bound="clip")
     assert torch.isfinite(out).all()
     t = torch.full((2,), 0.4)
     assert not torch.allclose(teacher(x, t, y), teacher(x, t, torch.tensor([1, 1])))
     # no null embedding: plain conditional sampling works, guidance refuses
     plain = P.DiffusersTeacher(tiny_unet(num_class_embeds=3), SCHEDS["linear"]).eval()
     assert plain.num_classes == 3
-    C.ddim_sample(C.guided(plain, y, 0.0), x, C.time_grid(2), "clip")
+    C.ddim_sample(C.guided(plain, y, 0.0), x, C.time_grid(2), bound="clip")
     with pytest.raises(ValueError, match="no null label"):
-        C.ddim_sample(C.guided(plain, y, 1.0), x, C.time_grid(2), "clip")
+        C.ddim_sample(C.guided(plain, y, 1.0), x, C.time_grid(2), bound="clip")
 
 
 def test_build_from_config_and_student_copy():
@@ -423,7 +423,7 @@ def test_edm_adm_spec_end_to_end(tmp_path):
     teacher = P._load_edm_adm(str(path), unet_config=ADM_TINY).eval()
     assert teacher.config["kind"] == "edm" and teacher.num_classes == 3
     x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 2])
-    out = C.ddim_sample(C.guided(teacher, y), x, C.time_grid(3), "clip")
+    out = C.ddim_sample(C.guided(teacher, y), x, C.time_grid(3), bound="clip")
     assert torch.isfinite(out).all()
     rebuilt = P.build_from_config(teacher.config)
     rebuilt.load_state_dict(teacher.state_dict())
