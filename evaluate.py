@@ -19,7 +19,7 @@ Metrics (real set vs generated set, features phi):
 Digits features are divided by their RMS on real data, so FD is in units where a real feature
 vector has mean squared entry 1. `--noise-floor` says which differences are larger than chance.
 """
-import argparse
+import dataclasses
 import hashlib
 import inspect
 import math
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 import common as C
 import harness as H
+from teacher import load_net
 
 CACHE_DIR = os.path.join("runs", "eval-cache")
 
@@ -343,7 +344,7 @@ def sample(net, kind, steps, num_samples, bound="clip", seed=0, device="cpu", w=
             n = min(batch, per_rank - start)
             lo = rank * per_rank + start
             yb = None if y is None else y[torch.arange(lo, lo + n) % num_samples].to(device)
-            out.append(C.generate(net, n, steps, kind, bound, y=yb, w=w, device=device))
+            out.append(C.generate(net, n, steps, kind, bound=bound, y=yb, w=w, device=device))
     return H.all_gather_cat(torch.cat(out))[:num_samples]
 
 
@@ -558,7 +559,8 @@ def grid_states(net, kind, steps, n, dataset="digits", bound="clip", seed=0, dev
         x1 = torch.randn_like(x0)
         ts = C.time_grid(steps)
         noises = [torch.randn_like(x0) for _ in range(steps)] if kind == "renoise" else None
-        _, own = C.ddim_sample(C.guided(net, y_own, w), x1, ts, bound, noises, return_states=True)
+        _, own = C.ddim_sample(C.guided(net, y_own, w), x1, ts, bound=bound, noises=noises,
+                               return_states=True)
         data_states, own_states = {}, {}
         for t, xs in zip(ts[:-1].tolist(), own):
             data_states[t] = (C.diffuse(x0, torch.full((n,), t, device=x0.device)), y_data)
@@ -626,31 +628,39 @@ HEADER = (f"{'':>14} {'fd':>10} {'kid':>10} {'precision':>9} {'recall':>7} {'ent
           f"{'cond_acc':>8} {'fd_teacher':>10} {'paired_px':>9}")
 
 
+@dataclasses.dataclass
+class Config:
+    ckpt: str = H.flag("", "A ckpt.pt written by teacher.py or a method script.", positional=True)
+    steps: list = H.flag([1, 2, 4, 8], "The sampling steps K to evaluate, one row each.")
+    num_samples: int = H.flag(2000, "Samples per K (at least 10).")
+    bound: str = H.flag(None, "Bound on the x0 prediction when sampling; default None: the "
+                        "checkpoint's --sample-bound (clip where it has none).", choices=C.BOUNDS)
+    seed: int = H.flag(0, "Seeds the sampling noise (the --noise-floor sets use seed + 1000 and "
+                       "seed + 1001).")
+    out: str = H.flag("", "Where eval-metrics.json and eval-K*.png go; default the checkpoint's "
+                      "folder.")
+    device: str = H.flag("", "The device: cpu, cuda or cuda:N; default cuda (each torchrun rank "
+                         "its own GPU) where available, else cpu.")
+    data_dir: str = H.flag("data", "Where the data set's files are (the real side of every "
+                           "metric).")
+    cache_dir: str = H.flag(CACHE_DIR, "Where the feature network and the real features are "
+                            "cached.")
+    inception_weights: str = H.flag("", "A local TF-Inception FID weights file; default "
+                                    "torch-fidelity's own (downloaded).")
+    noise_floor: bool = H.flag(False, "Also measure real-vs-real halves and two independent "
+                               "sample sets: the differences that are chance.")
+    floor_steps: int = H.flag(64, "The sampling steps K of the --noise-floor sample sets.")
+    w: float = H.flag(None, "Guidance weight; default None: a class-conditional teacher's CFG "
+                      "weight 0, an LCM student's w input the w it was evaluated at; a PD / DMD2 "
+                      "student is sampled at the w it distilled.")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Sample a checkpoint at several K and measure it.")
-    p.add_argument("ckpt", help="a ckpt.pt written by teacher.py or a method script")
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--num-samples", type=int, default=2000)
-    p.add_argument("--bound", choices=C.BOUNDS, default=None,
-                   help="sampling bound; default: the checkpoint's --sample-bound (clip)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="", help="default: the checkpoint's directory")
-    p.add_argument("--device", default="")
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--cache-dir", default=CACHE_DIR)
-    p.add_argument("--inception-weights", default="", help="local TF-Inception FID weights file")
-    p.add_argument("--noise-floor", action="store_true",
-                   help="also measure real-vs-real halves and two independent sample sets")
-    p.add_argument("--floor-steps", type=int, default=64)
-    p.add_argument("--w", type=float, default=None,
-                   help="guidance weight: a class-conditional teacher's CFG weight (default 0), "
-                        "the w input of an LCM student (default: the w it was evaluated at); a PD / "
-                        "DMD2 student is sampled at the w it distilled")
-    args = p.parse_args(argv)
+    args = H.parse_config(Config, argv)
     if min(args.steps) <= 0 or args.num_samples < 10 or args.floor_steps <= 0:
         H.fail("--steps and --floor-steps must be positive and --num-samples at least 10")
     _, _, device = H.init_dist(args.device)
-    net, kind, ck = H.load_net(args.ckpt, device)
+    net, kind, ck = load_net(args.ckpt, device)
     cfg = ck.get("config", {})
     dataset = cfg.get("dataset", "digits")
     bound = args.bound or cfg.get("sample_bound", "clip")

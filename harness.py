@@ -88,8 +88,7 @@ def parse_config(cls, argv=None, presets=None):
                                type=type(default[0]) if default else float)
         else:
             group.add_argument("--" + f.name.replace("_", "-"), default=default, help=text,
-                               type=f.type if default is not None else str,
-                               choices=info.get("choices"))
+                               type=f.type, choices=info.get("choices"))
     if presets:  # --dataset first, by a parser without -h: `--dataset cifar10 --help` shows the preset
         first = argparse.ArgumentParser(add_help=False)
         first.add_argument("--dataset")

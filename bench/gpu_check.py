@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -36,15 +36,18 @@ SCRIPTS = ("teacher", "pd_ddil", "lcm_ddil", "dmd2_ddil")
 
 @dataclass
 class Config:
-    dry: bool = False
-    warmup: int = 5               # iterations before timing (compilation happens here)
-    measure: int = 20             # timed iterations
-    batch_size: int = 0           # 0 = each script's cifar10 preset
-    images: int = 256             # synthetic images per CIFAR batch file (x 5)
-    scripts: list = field(default_factory=lambda: list(SCRIPTS))
-    kernel: bool = True           # run bench/kernel.py first (reduced sweep)
-    out: str = ""                 # a JSON file with the rows; "" = none
-    workdir: str = ""             # data, teacher and runs go here; "" = a fresh temp dir
+    dry: bool = H.flag(False, "Tiny sizes on the CPU (1 warmup and 1 timed iteration, 2 images "
+                       "per batch file): the whole path in about a minute.")
+    warmup: int = H.flag(5, "Iterations before timing (compilation happens here).")
+    measure: int = H.flag(20, "Timed iterations after the warmup.")
+    batch_size: int = H.flag(0, "Batch size per GPU; 0 = each script's cifar10 preset.")
+    images: int = H.flag(256, "Synthetic images per CIFAR-10 batch file (there are 5).")
+    scripts: list = H.flag(list(SCRIPTS), "The scripts to measure, from " + ", ".join(SCRIPTS)
+                           + ".")
+    kernel: bool = H.flag(True, "Run bench/kernel.py first (a reduced sweep).")
+    out: str = H.flag("", "A JSON file for the rows; default none.")
+    workdir: str = H.flag("", "Where the data, the teacher and the runs go; default a fresh "
+                          "temporary folder.")
 
 
 def pixel_metrics(cache_dir):

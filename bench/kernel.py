@@ -18,7 +18,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -29,23 +29,31 @@ import harness as H  # noqa: E402
 
 @dataclass
 class Config:
-    sizes: list = field(default_factory=lambda: [
+    sizes: list = H.flag([
         "128x3x32x32",      # a CIFAR-10 batch, 0.4M elements
         "512x3x64x64",      # an ImageNet-64 batch, 6.3M
         "2048x3x64x64",     # the CD ImageNet-64 global batch, 25M
         "1024x4x128x128",   # 67M
-        "4096x4x128x128"])  # 2^28 = 268M
-    dtypes: list = field(default_factory=lambda: ["float32", "bfloat16"])
-    bounds: list = field(default_factory=lambda: ["none", "reflect"])
-    reps: int = 25
-    warmup: int = 3
-    compile: str = "auto"       # auto: on, except on CPU with --dry (a first CPU compile takes minutes)
-    dry: bool = False           # tiny odd sizes and few reps: the whole script in seconds, on CPU
-    device: str = ""
-    peak_gbps: float = 0.0      # the device's peak bandwidth; 0 = from its name
-    seed: int = 0
-    out: str = "bench/kernel.json"  # --dry writes only where --out is given
-    CHOICES = {"compile": ("auto", "on", "off")}
+        "4096x4x128x128"],  # 2^28 = 268M
+        "The tensor shapes to time, BxCxHxW (--dry times tiny odd ones instead).")
+    dtypes: list = H.flag(["float32", "bfloat16"], "The dtypes to time, from float32, bfloat16, "
+                          "float16.")
+    bounds: list = H.flag(["none", "reflect"], "The x0 bounds to time, from "
+                          + ", ".join(C.BOUNDS) + ".")
+    reps: int = H.flag(25, "Timed calls per measurement, of which the median counts (3 with --dry).")
+    warmup: int = H.flag(3, "Untimed calls before each measurement (1 with --dry).")
+    compile: str = H.flag("auto", "Also time torch.compile of the eager composition: auto is on, "
+                          "except on a CPU with --dry (a first CPU compile takes minutes).",
+                          choices=("auto", "on", "off"))
+    dry: bool = H.flag(False, "Tiny odd sizes and few reps: the whole script in seconds, on a "
+                       "CPU too.")
+    device: str = H.flag("", "The device: cpu, cuda or cuda:N; default cuda where available, "
+                         "else cpu.")
+    peak_gbps: float = H.flag(0.0, "The device's peak bandwidth in GB/s; 0 = from its name (else "
+                              "its memory clock and bus width).")
+    seed: int = H.flag(0, "Seeds the random inputs and coefficients.")
+    out: str = H.flag("bench/kernel.json", "The JSON file for the rows and the summary; --dry "
+                      "writes only where --out is given.")
 
 
 DRY_SIZES = ["2x3x8x8", "3x3x5x7"]

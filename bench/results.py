@@ -82,32 +82,40 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import harness as H  # noqa: E402
+import teacher as T  # noqa: E402
 
 
 @dataclass
 class Config:
-    budget: str = "full"           # full (~15 h on a 2-core CPU, in parts), cost (time per iteration) or smoke (tests)
-    seeds: list = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    out: str = "bench/results"     # results.json, table.md, *.png
-    runs_dir: str = ""             # the runs' --out folders; "" = bench/out/<budget>
-    only: str = "pd,lcm,dmd2"      # comma-separated subset of methods
-    lab: str = "uncond,cond"       # comma-separated subset of labs
-    variants: str = ""             # comma-separated subset of variants ("" = all of them)
-    ks: str = ""                   # comma-separated subset of K ("" = all: 1, 2, 4)
-    jobs: int = 1                  # runs at once (> 1 shares the CPU: it/s are then not comparable)
-    teacher: str = ""              # the uncond lab's teacher ("" = the scripts' default)
-    teacher_cond: str = ""         # the cond lab's teacher ("" = runs/teacher-digits-cond, on demand)
-    data_dir: str = "data"
-    device: str = ""               # passed to every script ("" = their default)
-    run: bool = True               # --no-run: only aggregate what is already in --runs-dir
-    check: str = ""                # a committed results.json: does this run agree within its spread?
-    CHOICES = {"budget": ("full", "smoke", "cost")}
+    budget: str = H.flag("full", "The budget: full (about 15 h on a 2-core CPU, in parts), cost "
+                         "(time per iteration) or smoke (the tests' check of the plumbing).",
+                         choices=("full", "smoke", "cost"))
+    seeds: list = H.flag([0, 1, 2, 3, 4], "The seeds, distinct: each cell runs once per seed and "
+                         "the statistics pair a variant with its baseline by seed.")
+    out: str = H.flag("bench/results", "Where results.json, table.md and the plots (*.png) go.")
+    runs_dir: str = H.flag("", "The folder of the runs' --out folders; default bench/out/<budget>.")
+    only: str = H.flag("pd,lcm,dmd2", "A comma-separated subset of the methods.")
+    lab: str = H.flag("uncond,cond", "A comma-separated subset of the labs.")
+    variants: str = H.flag("", "A comma-separated subset of the variants; default all of them.")
+    ks: str = H.flag("", "A comma-separated subset of K; default all of them (1, 2, 4).")
+    jobs: int = H.flag(1, "Runs at once (more than 1 shares the CPU: their it/s are then not "
+                       "comparable).")
+    teacher: str = H.flag("", "The uncond lab's teacher; default the scripts' own.")
+    teacher_cond: str = H.flag("", "The cond lab's teacher; default the scripts' own "
+                               "class-conditional one (their --cond default).")
+    data_dir: str = H.flag("data", "The data folder, passed to every run as --data-dir.")
+    device: str = H.flag("", "The device, passed to every run as --device; default each "
+                         "script's own.")
+    run: bool = H.flag(True, "Run the grid's missing runs; --no-run only aggregates what is "
+                       "already in --runs-dir.")
+    check: str = H.flag("", "A committed results.json to check this benchmark against (each "
+                        "mean inside its committed spread over seeds); default no check.")
 
 
 SCRIPTS = {"pd": "pd_ddil.py", "lcm": "lcm_ddil.py", "dmd2": "dmd2_ddil.py"}
@@ -226,7 +234,7 @@ def argv_of(cfg, name, spec):
 
 def teacher_missing(cfg, lab):
     path = (cfg.teacher_cond if lab == "cond" else cfg.teacher) or \
-        os.path.join(ROOT, H.default_teacher_path("digits", lab == "cond"))
+        os.path.join(ROOT, T.default_teacher_path("digits", lab == "cond"))
     return not os.path.isfile(path)
 
 
