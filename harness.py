@@ -198,14 +198,47 @@ class DistillConfig(RunConfig):
 
 def setup(cfg, script):
     """The start every script shares once its flags are checked: --out (default
-    runs/<script>-<dataset>[-cond]) checked before any work and config.json written there;
+    runs/<script>-<dataset>[-cond]) checked before any work; a rerun into an --out that holds a
+    checkpoint checked to be the same run (check_same_run) before config.json is written there;
     torchrun; the data set. Returns (rank, world size, device, data)."""
     cond = "-cond" if getattr(cfg, "cond", False) else ""
     cfg.out = cfg.out or os.path.join("runs", f"{script}-{cfg.dataset}{cond}")
     check_out_dir(cfg.out)  # --out naming a file: one line, before any work
+    check_same_run(cfg, os.path.join(cfg.out, "ckpt.pt"))
     rank, world, device = init_dist(cfg.device)
     save_config(cfg, cfg.out)
     return rank, world, device, load_dataset(cfg.dataset, cfg.data_dir)
+
+
+# The flags a rerun may change and still continue its checkpoint: where things are, how often
+# to log, checkpoint and evaluate, and how far to train. --iters may grow (LCM, DMD2, teacher:
+# the total; PD: where to stop); --beta-ramp then ramps over the new total from where the run
+# is. Every other flag changes what is trained, and a rerun with another value is refused. The
+# world size may change too (the per-process --batch-size stays, so the global batch scales;
+# a rank without its saved replay buffers starts them empty: load_checkpoint).
+MAY_CHANGE_ON_RESUME = (
+    "out", "data_dir", "edm_repo", "device", "compile", "iters", "ckpt_every", "log_every",
+    "eval_every", "eval_every_samples", "eval_samples", "stage_eval_samples", "shift_samples",
+    "reference_steps", "ref_samples", "sample_count", "sample_steps",
+)
+
+
+def check_same_run(cfg, ckpt_path):
+    """Stop with one line, before anything is written, when ckpt_path holds a run trained with
+    another value of a flag that changes training (any flag outside MAY_CHANGE_ON_RESUME)."""
+    if not os.path.isfile(ckpt_path):
+        return
+    try:  # mmap: only the pickle around the tensors is read
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["config"]
+    except Exception as e:
+        fail(f"{ckpt_path} cannot be resumed ({type(e).__name__}: {str(e).splitlines()[0][:120]}"
+             f"); pass a fresh --out")
+    for name, value in dataclasses.asdict(cfg).items():
+        if name in MAY_CHANGE_ON_RESUME or name not in saved or saved[name] == value:
+            continue
+        was = saved[name]
+        fail(f"{ckpt_path} was trained with --{name.replace('_', '-')} {was}, not {value}: rerun "
+             f"with the same flags to resume it, or pass a fresh --out for this run")
 
 
 def save_config(cfg, out):
@@ -413,7 +446,8 @@ def _download(fetch, present, missing):
             fail(f"{missing}; put the files there")
 
 
-CACHE_VERSION = 1  # bump when the cache's layout changes: every old cache then rebuilds
+CACHE_VERSION = 2  # bump when the cache's layout changes: every old cache then rebuilds
+# 2: imagenet64 labels in the published networks' sorted-WordNet-id order (1 had devkit id - 1)
 
 
 def _cached_arrays(data_dir, name, files, item_shape, count, chunks):
@@ -615,28 +649,83 @@ def _npz_member(f, key):
              f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
 
 
+# ImageNet-1k labels. The published class-conditional ImageNet networks (ADM/guided-diffusion,
+# EDM, the consistency models) number the classes by WordNet id in sorted order, 0 = n01440764
+# (tench) ... 999 = n15075141: openai/guided-diffusion guided_diffusion/image_datasets.py and
+# openai/consistency_models cm/image_datasets.py index sorted(set(<wnid>_ file-name prefixes));
+# NVlabs/edm dataset_tool.py indexes sorted top-level folder names (its README feeds it
+# ILSVRC/Data/CLS-LOC/train, one folder per wnid).
+# The downsampled-ImageNet npz batches carry the ILSVRC devkit's class ids 1..1000 instead
+# (map_clsloc.txt order, 1 = n02119789 kit fox): PatrykChrabaszcz/Imagenet32_Scripts, utils.py
+# get_label_dict as used by image2numpy_imagenet_{train,val}.py. IMAGENET_WNIDS lists the wnids
+# in that order, from map_clsloc.txt as in arthw/imagenet_label imagenet_folder_id_class.txt and
+# wisetrue95/Classification2020 data/map_clsloc.txt (the same 1000 ids); the map it gives equals
+# MrChenFeng/MaskCon_CVPR2023 coarse_labels/imagenet32/imagenet32_to_fine.json.
+IMAGENET_WNIDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
+                              "imagenet_devkit_wnids.txt")
+_IMAGENET_CLASSES = []  # (sorted wnids, devkit_to_sorted), read once by _imagenet_classes
+
+
+def _imagenet_classes():
+    """(the 1000 WordNet ids sorted: index = the published networks' label, devkit_to_sorted:
+    int64 [1000], read-only, devkit_to_sorted[devkit_id - 1] = that class's label), read once
+    from IMAGENET_WNIDS (devkit order, '#' lines skipped) and checked."""
+    if not _IMAGENET_CLASSES:
+        import re
+        try:
+            with open(IMAGENET_WNIDS) as fh:
+                wnids = [s for s in (ln.strip() for ln in fh) if s and not s.startswith("#")]
+        except OSError as e:
+            fail(f"cannot read {IMAGENET_WNIDS} ({e.strerror or e}); it ships with the code")
+        if len(wnids) != 1000 or len(set(wnids)) != 1000 or not all(
+                re.fullmatch("n[0-9]{8}", w) for w in wnids):
+            fail(f"{IMAGENET_WNIDS} is not the 1000 ImageNet WordNet ids (n########) in devkit "
+                 f"order; restore it from the repository")
+        ranked = sorted(wnids)
+        index = {w: i for i, w in enumerate(ranked)}
+        devkit_to_sorted = np.array([index[w] for w in wnids], np.int64)
+        devkit_to_sorted.setflags(write=False)
+        _IMAGENET_CLASSES.append((tuple(ranked), devkit_to_sorted))
+    return _IMAGENET_CLASSES[0]
+
+
+def imagenet_devkit_to_sorted():
+    """int64 [1000], read-only: devkit_to_sorted[npz_label - 1] is the label, in the published
+    networks' sorted-WordNet-id order, of a downsampled-ImageNet class id 1..1000."""
+    return _imagenet_classes()[1]
+
+
 def _load_imagenet64(data_dir, train):
     """Downsampled ImageNet 64x64 (Chrabaszcz et al. 2017): npz batches in data_dir or one folder
     below (the release unpacks to Imagenet64_train_part1_npz/ ...), `data` N x 12288 uint8 (R, G,
     B planes, each 64x64 row-major) and `labels` 1..1000. Otherwise an ImageFolder
     data_dir/{train,val}/<class>/<image>, box-downsampled to 64x64 where larger.
+
+    Labels are those of the published class-conditional ImageNet networks (ADM, EDM, consistency
+    models): a class's WordNet id's index among the 1000 sorted ids (0 = n01440764 tench). The
+    npz batches' devkit ids go through imagenet_devkit_to_sorted (1 = kit fox -> 278); ImageFolder
+    class folders named by wnids get their wnid's index, whichever folders are present. Folders
+    named otherwise keep ImageFolder's indices (sorted among those present), with a note.
     """
     import glob
     split = "train" if train else "val"
     pattern = "train_data_batch_*.npz" if train else "val_data*.npz"
-    files = glob.glob(os.path.join(data_dir, pattern)) + glob.glob(os.path.join(data_dir, "*", pattern))
+    files = (glob.glob(os.path.join(data_dir, pattern))
+             + glob.glob(os.path.join(data_dir, "*", pattern)))
     files.sort(key=lambda f: (len(os.path.basename(f)), os.path.basename(f)))  # batch_2 before _10
     if files:
+        devkit_to_sorted = imagenet_devkit_to_sorted()
+
         def chunks():  # one batch file at a time: peak memory is one file, not the data set
             for f in files:
                 x, y = _npz_member(f, "data"), np.asarray(_npz_member(f, "labels"))
                 if x.ndim != 2 or x.shape != (len(y), 3 * 64 * 64) or x.dtype != np.uint8:
-                    fail(f"{f}: `data` is {x.dtype} of shape {x.shape}, expected uint8 ({len(y)}, 12288): "
-                         f"use the 64x64 downsampled-ImageNet npz batches")
+                    fail(f"{f}: `data` is {x.dtype} of shape {x.shape}, expected uint8 "
+                         f"({len(y)}, 12288): use the 64x64 downsampled-ImageNet npz batches")
                 if len(y) and (y.min() < 1 or y.max() > 1000):
                     fail(f"{f}: labels span {y.min()}..{y.max()}, expected 1..1000 as in the "
                          f"downsampled-ImageNet release")
-                yield x.reshape(-1, 3, 64, 64), y - 1  # labels 1..1000 -> 0..999
+                yield x.reshape(-1, 3, 64, 64), devkit_to_sorted[y.astype(np.int64) - 1]
         return _cached_arrays(data_dir, f"imagenet64-{split}", files, (3, 64, 64),
                               lambda: sum(len(_npz_member(f, "labels")) for f in files), chunks)
     folder = os.path.join(data_dir, split)
@@ -651,7 +740,19 @@ def _load_imagenet64(data_dir, train):
         fail(f"imagenet64 ImageFolder {folder!r} holds no images ({type(e).__name__}); "
              f"expected {folder}/<class>/*.png")
     if len(ds.classes) > DATASETS["imagenet64"][2]:
-        fail(f"ImageFolder {folder!r} has {len(ds.classes)} classes; imagenet64 models have at most 1000")
+        fail(f"ImageFolder {folder!r} has {len(ds.classes)} classes; imagenet64 models have at "
+             f"most 1000")
+    index = {w: i for i, w in enumerate(_imagenet_classes()[0])}
+    other = [c for c in ds.classes if c not in index]
+    if not other:  # wnid folders: the published networks' labels, whichever classes are present
+        to_label = np.array([index[c] for c in ds.classes], np.int64)
+    else:
+        to_label = np.arange(len(ds.classes), dtype=np.int64)
+        if is_main():
+            print(f"note: {folder}: class folder {other[0]!r}"
+                  f"{f' (and {len(other) - 1} more)' if len(other) > 1 else ''} is not an "
+                  f"ImageNet WordNet id; labels are the folders' sorted order, not those of the "
+                  f"published ImageNet networks", flush=True)
 
     def chunks():
         for path, label in ds.samples:
@@ -660,7 +761,7 @@ def _load_imagenet64(data_dir, train):
             except OSError as e:  # not an image, truncated
                 fail(f"{path}: cannot read the image ({type(e).__name__}); remove or replace it")
             hwc = np.asarray(im if im.size == (64, 64) else im.resize((64, 64), Image.BOX))
-            yield hwc.transpose(2, 0, 1)[None], np.array([label])
+            yield hwc.transpose(2, 0, 1)[None], to_label[[label]]
     return _cached_arrays(data_dir, f"imagenet64-{split}-folder", [p for p, _ in ds.samples],
                           (3, 64, 64), lambda: len(ds.samples), chunks)
 

@@ -64,7 +64,8 @@ def write_cifar10(root, n_per_batch=6):
 
 def write_imagenet64_npz(root, sizes=(3, 2), subdir=""):
     """train_data_batch_1..k.npz (`data` N x 12288 uint8, `labels` 1..1000 as a list, `mean`)
-    and val_data.npz. Returns the train images [N, 3, 64, 64] and labels (1..1000) in batch order."""
+    and val_data.npz. Returns the train images [N, 3, 64, 64] and labels (the release's ILSVRC
+    devkit ids 1..1000, loaded as published(id)) in batch order."""
     folder = os.path.join(root, subdir)
     os.makedirs(folder, exist_ok=True)
     imgs, labs = [], []
@@ -144,6 +145,14 @@ def reference_imagenet64(flat):
     return x.reshape((x.shape[0], 64, 64, 3))
 
 
+def published(devkit_ids):
+    """The labels the loader gives npz devkit ids 1..1000: the published networks' (sorted)."""
+    return [int(H.imagenet_devkit_to_sorted()[v - 1]) for v in devkit_ids]
+
+
+KIT_FOX, TENCH = "n02119789", "n01440764"  # devkit ids 1 and 449; sorted-wnid labels 278 and 0
+
+
 @pytest.mark.parametrize("subdir", ["", "Imagenet64_train_part1_npz"])
 def test_imagenet64_npz(tmp_path, subdir):
     sizes = (3, 2, 1, 1, 1, 1, 1, 1, 1, 2)  # ten batches: batch_10 must come after batch_9
@@ -151,12 +160,13 @@ def test_imagenet64_npz(tmp_path, subdir):
     x, y = H.load_dataset("imagenet64", str(tmp_path))
     assert x.dtype == torch.uint8 and x.shape == (sum(sizes), 3, 64, 64) and y.dtype == torch.long
     assert torch.equal(x, torch.from_numpy(img))
-    assert y.tolist() == [v - 1 for v in lab] and y.min() >= 0 and y.max() == 999
+    assert y.tolist() == published(lab) and y.min() >= 0 and y.max() <= 999
+    assert y[0] == 543  # devkit id 1000: n03255030 dumbbell, sorted index 543
     flat = np.load(os.path.join(tmp_path, subdir, "train_data_batch_1.npz"))["data"]
     assert torch.equal(x[:3].permute(0, 2, 3, 1), torch.from_numpy(reference_imagenet64(flat)))
     assert x[1, 2, 10, 3].item() == (7 * 1 + 50 * 2 + 3 * 10 + 3 + 5) % 256  # blue, row 10, col 3
     xv, yv = H.load_dataset("imagenet64", str(tmp_path), train=False)
-    assert xv.shape == (2, 3, 64, 64) and yv.tolist() == [0, 1]
+    assert xv.shape == (2, 3, 64, 64) and yv.tolist() == [278, 212]  # kit fox, English setter
 
 
 def test_imagenet64_npz_bad_labels(tmp_path):
@@ -183,6 +193,77 @@ def test_imagenet64_image_folder(tmp_path):
         hwc, ci = files[p]
         assert torch.equal(x[i], torch.from_numpy(hwc).permute(2, 0, 1)) and y[i] == ci, p
     assert y.tolist() == [0, 0, 1, 1, 1]
+
+
+def test_imagenet_devkit_wnids_asset():
+    """assets/imagenet_devkit_wnids.txt: the ILSVRC devkit's 1000 wnids in class-id order
+    (map_clsloc.txt), and the map from those ids to the published networks' sorted-wnid labels.
+    Spot values from MrChenFeng/MaskCon_CVPR2023 coarse_labels/imagenet32/imagenet32_to_fine.json,
+    a downsampled-ImageNet loader's own map."""
+    with open(os.path.join(ROOT, "assets", "imagenet_devkit_wnids.txt")) as fh:
+        lines = fh.read().splitlines()
+    assert lines[0].startswith("#") and all(len(ln) < 100 for ln in lines)
+    wnids = lines[1:]
+    assert len(wnids) == len(set(wnids)) == 1000
+    assert all(len(w) == 9 and w[0] == "n" and w[1:].isdigit() for w in wnids)
+    assert wnids[:3] == [KIT_FOX, "n02100735", "n02110185"] and wnids[448] == TENCH
+    assert sorted(wnids)[0] == TENCH and sorted(wnids)[-1] == "n15075141"
+    m = H.imagenet_devkit_to_sorted()
+    assert m.dtype == np.int64 and m.shape == (1000,) and sorted(m.tolist()) == list(range(1000))
+    assert [sorted(wnids)[i] for i in m] == wnids and not m.flags.writeable
+    assert m[:6].tolist() == [278, 212, 250, 193, 217, 147] and m[448] == 0 and m[449] == 1
+
+
+def test_imagenet64_npz_and_image_folder_give_one_label_space(tmp_path):
+    """One class, one label, whichever format it comes in: the npz batches' devkit ids 1 (kit fox)
+    and 449 (tench) and ImageFolder folders named by those wnids all load as the published
+    networks' labels (sorted-wnid order: kit fox 278, tench 0), not devkit id - 1 (0 and 448)."""
+    npz, folder, few = (tmp_path / d for d in ("npz", "folder", "few"))
+    npz.mkdir()
+    np.savez(npz / "train_data_batch_1.npz", data=flat_planes(pattern(3, 3, 64)),
+             labels=[1, 449, 1])
+    files = write_image_folder(folder, classes=(KIT_FOX, TENCH), per_class=1)
+    _, y_npz = H.load_dataset("imagenet64", str(npz))
+    _, y_folder = H.load_dataset("imagenet64", str(folder))
+    by_wnid = {os.path.basename(os.path.dirname(p)): int(v)
+               for p, v in zip(sorted(files), y_folder)}
+    assert y_npz.tolist() == [278, 0, 278] and by_wnid == {KIT_FOX: 278, TENCH: 0}
+    assert by_wnid[KIT_FOX] == y_npz[0] and by_wnid[TENCH] == y_npz[1]
+    # one class folder alone: its index among all 1000 wnids, not among the folders present
+    write_image_folder(few, classes=(KIT_FOX,), per_class=2)
+    assert H.load_dataset("imagenet64", str(few))[1].tolist() == [278, 278]
+
+
+def test_imagenet64_image_folder_not_wnids_keeps_its_order(tmp_path, capsys):
+    write_image_folder(tmp_path, classes=("dog", KIT_FOX, "cat"), per_class=1)
+    _, y = H.load_dataset("imagenet64", str(tmp_path))
+    assert y.tolist() == [0, 1, 2]  # ImageFolder's own: cat, dog, n02119789
+    out = capsys.readouterr().out
+    assert "'cat' (and 1 more) is not an ImageNet WordNet id" in out and "published" in out
+
+
+def test_imagenet64_cache_of_an_older_version_is_rebuilt(tmp_path):
+    """A cache converted before CACHE_VERSION 2 holds devkit id - 1 as labels: rebuilt."""
+    import json
+    _, lab = write_imagenet64_npz(tmp_path, (3, 2))
+    y = H.load_dataset("imagenet64", str(tmp_path))[1].tolist()  # a list: make_old rewrites the mapped file
+    xp, yp, jp = cache_files(tmp_path, "imagenet64-train")
+
+    def make_old(version):  # the old labels, in a file of the same size, under `version`
+        np.save(yp, np.array([v - 1 for v in lab], np.int64))
+        with open(jp) as fh:
+            j = json.load(fh)
+        j["sources"]["version"] = version
+        with open(jp, "w") as fh:
+            json.dump(j, fh)
+    make_old(H.CACHE_VERSION)  # the test's tampering is seen only through the version
+    assert H.load_dataset("imagenet64", str(tmp_path))[1].tolist() == [v - 1 for v in lab]
+    make_old(H.CACHE_VERSION - 1)
+    mtime = os.stat(xp).st_mtime_ns
+    _, y2 = H.load_dataset("imagenet64", str(tmp_path))
+    assert y2.tolist() == y == published(lab) and os.stat(xp).st_mtime_ns != mtime
+    with open(jp) as fh:
+        assert json.load(fh)["sources"]["version"] == H.CACHE_VERSION == 2
 
 
 def test_imagenet64_missing_exits_with_one_line(tmp_path):
@@ -405,7 +486,7 @@ def test_imagenet64_cache_is_memory_mapped_and_reused(tmp_path):
     xp, yp, jp = cache_files(tmp_path, "imagenet64-train")
     assert all(map(os.path.isfile, (xp, yp, jp))) and not list(tmp_path.glob("*.tmp*"))
     assert mapped_file(x) == xp and mapped_file(y) == yp  # file-backed: ranks share the pages
-    assert torch.equal(x, torch.from_numpy(img)) and y.tolist() == [v - 1 for v in lab]
+    assert torch.equal(x, torch.from_numpy(img)) and y.tolist() == published(lab)
     assert np.load(xp).shape == (5, 3, 64, 64)
     before = [os.stat(p).st_mtime_ns for p in (xp, yp, jp)]
     x2, y2 = H.load_dataset("imagenet64", str(tmp_path))  # fresh: opened, not converted again
@@ -424,7 +505,7 @@ def test_imagenet64_cache_rebuilds_when_sources_change(tmp_path):
     np.savez(tmp_path / "train_data_batch_2.npz", data=flat_planes(new), labels=[5, 6, 7, 8])
     x2, y2 = H.load_dataset("imagenet64", str(tmp_path))
     assert x2.shape == (7, 3, 64, 64) and torch.equal(x2[3:], torch.from_numpy(new))
-    assert torch.equal(x2[:3], x[:3]) and y2[3:].tolist() == [4, 5, 6, 7]
+    assert torch.equal(x2[:3], x[:3]) and y2[3:].tolist() == published([5, 6, 7, 8])
     os.utime(tmp_path / "train_data_batch_1.npz", ns=(1, 1))  # same bytes, other mtime: rebuilt
     mtime = os.stat(cache_files(tmp_path, "imagenet64-train")[0]).st_mtime_ns
     H.load_dataset("imagenet64", str(tmp_path))
@@ -498,7 +579,8 @@ def test_two_processes_at_once_convert_once(tmp_path):
     assert all(p.returncode == 0 for p in procs), outs
     lines = [o.strip().splitlines() for o, _ in outs]
     assert sum("converted" in ln for ls in lines for ln in ls) == 1, outs
-    assert lines[0][-1] == lines[1][-1] == f"sum {int(img.sum(dtype=np.int64))} {sum(lab) - len(lab)}"
+    want = f"sum {int(img.sum(dtype=np.int64))} {sum(published(lab))}"
+    assert lines[0][-1] == lines[1][-1] == want
 
 
 def test_imagenet64_npz_not_an_npz_is_one_line(tmp_path):
