@@ -106,6 +106,14 @@ PR_K = 3  # precision / recall's neighbourhood: each sample's 3rd nearest neighb
 MIN_SAMPLES = PR_K + 1
 
 
+def check_feature_extractor(dataset, device="cpu", inception_weights=""):
+    """Before any training: the feature network that a run's evaluations will need loads, or one
+    line says how to get it (Inception FID beyond digits: torch-fidelity and its weights). A run
+    must not find this out after days of training."""
+    if dataset != "digits" and H.is_main():
+        inception_extractor(device, inception_weights)
+
+
 def check_sample_counts(cfg):
     """One-line error for a sample count the metrics cannot use: each of cfg's eval_samples,
     stage_eval_samples, eval_every_samples and ref_samples (0: off) needs PR_K + 1 samples."""
@@ -474,7 +482,9 @@ def final_evaluation(out, student, kind, student_ks, teacher, teacher_ks, num_sa
     if not H.is_main():
         return result
     dataset = protocol.get("dataset", "digits")  # paired feature distances: digits, or with a reference
-    extract = (feature_extractor(dataset, protocol.get("device", "cpu"), data_dir=protocol.get("data_dir", "data"))
+    extract = (feature_extractor(dataset, protocol.get("device", "cpu"),
+                                 data_dir=protocol.get("data_dir", "data"),
+                                 inception_weights=protocol.get("inception_weights", ""))
                if ref is not None or dataset == "digits" else None)
     x_ref = teachers[ref_steps][1]
     features = (lambda x: extract(to_uint8(x))[0]) if extract else (lambda x: None)
@@ -573,7 +583,7 @@ def grid_states(net, kind, steps, n, dataset="digits", bound="clip", seed=0, dev
 # ----------------------------------------------------------------------------------------------
 
 def noise_floor(net, kind, steps, num_samples, dataset="digits", bound="clip", seed=0,
-                device="cpu", data_dir="data", cache_dir=CACHE_DIR, w=0.0):
+                device="cpu", data_dir="data", cache_dir=CACHE_DIR, w=0.0, inception_weights=""):
     """What difference is meaningful. real_halves: two random halves of the real data against each
     other; sample_sets: two independent sets of the sampler (seeds seed+1000, seed+1001) against
     each other; vs_real: each of those two sets against the real data, as a table row is (their
@@ -585,7 +595,7 @@ def noise_floor(net, kind, steps, num_samples, dataset="digits", bound="clip", s
         if dataset == "digits":
             extractor, name = digits_extractor(cache_dir, data_dir), ""
         else:
-            extractor, name = inception_extractor(device), "inception"
+            extractor, name = inception_extractor(device, inception_weights), "inception"
         real = real_features(dataset, data_dir, extractor, cache_dir, name)
         perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))
         half = len(real) // 2
@@ -687,7 +697,7 @@ def main(argv=None):
     if args.noise_floor:
         result["noise_floor"] = noise_floor(net, kind, args.floor_steps, args.num_samples, dataset,
                                             bound, args.seed, device, args.data_dir, args.cache_dir,
-                                            w_sample)
+                                            w_sample, args.inception_weights)
     result["time_s"] = round(time.time() - t0, 2)
     if H.is_main():
         print(HEADER)
