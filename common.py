@@ -68,7 +68,8 @@ BOUNDS = ("none", "clip", "reflect")
 
 
 def reflect(x):
-    """Fold R into [-1, 1] by mirror reflection at the walls: 1 - |((x + 1) mod 4) - 2|, floor mod."""
+    """Fold R into [-1, 1] by mirror reflection at the walls:
+    reflect(x) = 1 - |((x + 1) mod 4) - 2|, floor mod."""
     u = x + 1.0
     return 1.0 - (u - 4.0 * torch.floor(u / 4.0) - 2.0).abs()
 
@@ -184,7 +185,8 @@ def guided(model, y=None, w=0.0):
     v_u = v(x, null label). No labels, or w = 0: one plain pass."""
     config = getattr(unwrap(model), "config", {})
     if config.get("w_embed"):
-        return lambda x, t: model(x, t, y, torch.as_tensor(w, dtype=torch.float32, device=x.device).expand(len(x)))
+        return lambda x, t: model(x, t, y, torch.as_tensor(w, dtype=torch.float32,
+                                                           device=x.device).expand(len(x)))
     if y is None or not (torch.as_tensor(w) != 0).any():
         return lambda x, t: model(x, t, y)
     null = torch.full_like(y, config["num_classes"])
@@ -234,12 +236,12 @@ def generate(net, n, steps, kind="ddim", *, bound, y=None, w=0.0, shape=None, de
 # ----------------------------------------------------------------------------------------------
 
 MODEL_PRESETS = {
-    # ~0.7M params, 8x8 grayscale
+    # 0.67M params (unconditional), 8x8 grayscale
     "digits": dict(in_ch=1, ch=24, ch_mult=(1, 2, 2), num_res=1, attn_res=(2,), resolution=8),
-    # DDPM-like, ~35M params
+    # DDPM-like, 38.3M params
     "cifar10": dict(in_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res=2, attn_res=(16,),
                     resolution=32, dropout=0.1),
-    # ADM-like widths, class-conditional
+    # ADM-like widths, class-conditional: 277.2M params with its 1000 classes
     "imagenet64": dict(in_ch=3, ch=192, ch_mult=(1, 2, 3, 4), num_res=3, attn_res=(32, 16, 8),
                        resolution=64, num_classes=1000, dropout=0.1),
 }
@@ -283,7 +285,8 @@ class Attention(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
-        h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2),
+                                           v.transpose(-1, -2))
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
@@ -304,28 +307,32 @@ class UNet(nn.Module):
         self.num_classes, emb = num_classes, 4 * ch
         self.t_mlp = nn.Sequential(nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.y_emb = nn.Embedding(num_classes + 1, emb) if num_classes else None
-        self.w_mlp = nn.Sequential(nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb)) if w_embed else None
+        self.w_mlp = (nn.Sequential(nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
+                      if w_embed else None)
         if w_embed:
             nn.init.zeros_(self.w_mlp[2].weight), nn.init.zeros_(self.w_mlp[2].bias)
         self.inp = nn.Conv2d(in_ch, ch, 3, padding=1)
         self.down, chans, c, res = nn.ModuleList(), [ch], ch, resolution
         for i, m in enumerate(ch_mult):
             for _ in range(num_res):
-                self.down.append(nn.ModuleList([ResBlock(c, ch * m, emb, dropout),
-                                                Attention(ch * m) if res in attn_res else nn.Identity()]))
+                self.down.append(nn.ModuleList([
+                    ResBlock(c, ch * m, emb, dropout),
+                    Attention(ch * m) if res in attn_res else nn.Identity()]))
                 c = ch * m
                 chans.append(c)
             if i < len(ch_mult) - 1:
                 self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
                 chans.append(c)
                 res //= 2
-        self.mid = nn.ModuleList([ResBlock(c, c, emb, dropout), Attention(c), ResBlock(c, c, emb, dropout)])
+        self.mid = nn.ModuleList([ResBlock(c, c, emb, dropout), Attention(c),
+                                  ResBlock(c, c, emb, dropout)])
         self.mid_ch = c
         self.up = nn.ModuleList()
         for i, m in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res + 1):
-                self.up.append(nn.ModuleList([ResBlock(c + chans.pop(), ch * m, emb, dropout),
-                                              Attention(ch * m) if res in attn_res else nn.Identity()]))
+                self.up.append(nn.ModuleList([
+                    ResBlock(c + chans.pop(), ch * m, emb, dropout),
+                    Attention(ch * m) if res in attn_res else nn.Identity()]))
                 c = ch * m
             if i > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
@@ -409,11 +416,18 @@ class MixingBuffer:
     """Replay buffer of rollout states (x_t, t, y, w) for one source ('teacher' or 'student').
 
     A state keeps every conditioning input that made it (time t, class label y, guidance weight w)
-    and is trained at exactly that conditioning. Rollouts are expensive, so each iteration pushes a
+    and is trained at exactly that conditioning. Rollouts are expensive, so each refresh pushes a
     few fresh trajectories (every grid state of each) and batches draw uniformly from the stored
-    states. A ring of `capacity` states refreshed with `refresh` trajectories of T grid states per
-    iteration keeps no state longer than ceil(capacity / (refresh * T)) iterations: that is the
-    staleness bound. States are stored detached, on the device and in the dtype they were pushed with.
+    states. A ring of `capacity` states that takes `refresh` trajectories of T grid states at a
+    refresh, one refresh every `refresh_every` iterations, is overwritten whole within
+    ceil(capacity / (refresh * T)) refreshes, so it keeps no state longer than
+
+        ceil(capacity / (refresh * T)) * refresh_every iterations:
+
+    that is the staleness bound (LCM's defaults, capacity 1024, refresh 32, T = K = 4,
+    refresh_every 8: 8 refreshes, 64 iterations; a top-up push when a batch needs more states
+    than the ring holds only shortens it). States are stored detached, on the device and in the
+    dtype they were pushed with.
     """
 
     def __init__(self, capacity):
@@ -429,18 +443,21 @@ class MixingBuffer:
         x = x.detach()
         n = x.shape[0]
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(n)
-        y = torch.full((n,), -1, dtype=torch.long, device=x.device) if y is None else y.detach().long()
+        y = (torch.full((n,), -1, dtype=torch.long, device=x.device) if y is None
+             else y.detach().long())
         w = torch.as_tensor(0.0 if w is None else w, dtype=torch.float32, device=x.device).expand(n)
-        if self.x is None:  # zeros, not new_empty: a checkpoint of a part-full ring is deterministic
+        if self.x is None:  # zeros, not new_empty: a part-full ring's checkpoint is deterministic
             self.x = x.new_zeros((self.capacity, *x.shape[1:]))
-            self.t, self.y, self.w = t.new_zeros(self.capacity), y.new_zeros(self.capacity), w.new_zeros(self.capacity)
+            self.t, self.y, self.w = (t.new_zeros(self.capacity), y.new_zeros(self.capacity),
+                                      w.new_zeros(self.capacity))
         m = min(n, self.capacity)
         idx = (self.ptr + torch.arange(m, device=x.device)) % self.capacity
         self.x[idx], self.t[idx], self.y[idx], self.w[idx] = x[-m:], t[-m:], y[-m:], w[-m:]
         self.ptr, self.size = (self.ptr + m) % self.capacity, min(self.capacity, self.size + m)
 
     def sample(self, n):
-        """n states drawn uniformly with replacement: (x [n, ...], t [n], y [n] (-1 = none), w [n])."""
+        """n states drawn uniformly with replacement:
+        (x [n, ...], t [n], y [n] (-1 = none), w [n])."""
         idx = torch.randint(0, self.size, (n,)).to(self.x.device)
         return self.x[idx], self.t[idx], self.y[idx], self.w[idx]
 
@@ -508,7 +525,8 @@ def cat_states(*parts):
                    for _, p in used])
     w = torch.cat([torch.as_tensor(0.0 if p[3] is None else p[3], dtype=torch.float32,
                                    device=x.device).expand(len(p[0])) for _, p in used])
-    src = torch.cat([torch.full((len(p[0]),), i, dtype=torch.long, device=x.device) for i, p in used])
+    src = torch.cat([torch.full((len(p[0]),), i, dtype=torch.long, device=x.device)
+                     for i, p in used])
     return x, t, y, w, src
 
 

@@ -2,8 +2,10 @@
 
 Three networks, all initialised from the teacher: the real score mu_real (the frozen teacher T),
 the fake score mu_fake (trainable: it tracks the score of G's samples) and the generator G
-(trainable). At sampling time tau_i, G maps a state x to a sample  x0 = bound(alpha x - sigma v_G(x, tau_i)); K-step sampling
-re-noises in between, x_{tau_{i+1}} = alpha x0 + sigma z (common.generate kind "renoise").
+(trainable). At sampling time tau_i, G maps a state x to a sample
+    x0 = bound(alpha x - sigma v_G(x, tau_i));
+K-step sampling re-noises in between, x_{tau_{i+1}} = alpha x0 + sigma z (common.generate kind
+"renoise").
 
 Distribution matching (DMD) on G's sample x, per sample:
     t ~ U[0.02, 0.98],  x_t = alpha_t x + sigma_t eps
@@ -16,7 +18,8 @@ and mu_fake are plain conditional networks at the sample's label y.
 Fake score: the teacher's v loss on sg(x) at t ~ U[0, 1].
 GAN: a small head D on mu_fake's bottleneck features, noised data vs noised G samples,
 non-saturating:
-    L_G += gan_weight * softplus(-D(x_t)),   L_D = disc_weight * (softplus(-D(real_t)) + softplus(D(x_t)))
+    L_G += gan_weight * softplus(-D(x_t))
+    L_D  = disc_weight * (softplus(-D(real_t)) + softplus(D(x_t)))
 Two time scales: mu_fake and D step every iteration, G every --fake-updates iterations.
 
 G's inputs, the DDIL part. DMD2 trains a multi-step G on its own "backward simulation": noise ->
@@ -39,24 +42,22 @@ Choices and deviations (DMD2 code: tianweiy/DMD2):
 - Backward-simulation states go through a replay buffer like DDIL's other rollouts, so baseline
   and DDIL differ only in the betas and the bound. DMD2 simulates fresh from the current G; here
   the buffer of G's own states holds (refresh / refresh_every) x K x fake_updates x
-  --sim-staleness states, so none
-  is more than --sim-staleness G updates old (default 1: states from the G of the previous update
-  at most; G does not move between its updates). That costs nothing: the same --refresh
-  trajectories per iteration are simulated whatever the capacity. (When the capacity is below the
-  batch's share of own states, every batch tops it up with fresh trajectories.)
+  --sim-staleness states, so none is more than --sim-staleness G updates old (default 1: states
+  from the G of the previous update at most; G does not move between its updates). That costs
+  nothing: the same --refresh trajectories per iteration are simulated whatever the capacity.
+  (When the capacity is below the batch's share of own states, every batch tops it up with fresh
+  trajectories.)
 - Covariate-shift diagnostic: G's imitation error at a state x_t is the per-sample MSE between
   G's sample and the teacher's DDIM sample from the same x_t (teacher_substeps steps per student
   step down to 0): G is trained to sample, so the teacher's *sample* from that state, not its
   one-step x0 mean, is the label it should imitate.
-- Defaults: DDIL's reflection on DMD2's own inputs, betas (0, 0, 1) + --bound reflect. Measured
-  against DMD2 as published (--bound none) with the clipping sampler (bench/results.py, 5 seeds,
-  paired): *better* for a one-step G, where the bound acts only on G's output (FD -0.038 [-0.061,
-  -0.015] unconditional, -0.093 [-0.182, -0.005] guided); *worse* in one lab at K = 2 (+0.128
-  [+0.100, +0.157] unconditional) and at K = 4 (+0.091 [+0.035, +0.147] guided), where it also
-  folds G's training states; unresolved in the other two cells (bench/results/README.md). So keep
-  it for --steps 1, and pass --bound none for a multi-step G.
+- Defaults: DDIL's reflection on DMD2's own inputs, betas (0, 0, 1) + --bound reflect. Against
+  DMD2 as published (--bound none), with the clipping sampler, it helps a one-step G, where the
+  bound acts only on G's output, and does not help a multi-step G, where it also folds G's
+  training states: measured in bench/results/README.md. So keep it for --steps 1, and pass
+  --bound none for a multi-step G.
 
-    python dmd2_ddil.py                        # digits, CPU, 4-step G: DMD2 + reflection
+    python dmd2_ddil.py                        # digits, shipped teacher: 4-step G, DMD2 + reflect
     python dmd2_ddil.py --beta-data 0.5 --beta-student 0.5        # + DDIL's data states
     python dmd2_ddil.py --bound none           # DMD2 as published
     python dmd2_ddil.py --cond --guidance 2    # the guided, class-conditional digits lab
@@ -85,7 +86,8 @@ class Config(H.DistillConfig):
     fake_updates: int = H.flag(5, "mu_fake (and D) steps per G step (the two time-scale rule).")
     gan_weight: float = H.flag(3e-3, "Weight of G's GAN loss (0 turns the GAN off).")
     disc_weight: float = H.flag(1e-2, "Weight of the discriminator's loss in mu_fake's update.")
-    t_min: float = H.flag(0.02, "Lowest noise level t of the DM and GAN losses, t ~ U[t-min, t-max].")
+    t_min: float = H.flag(0.02, "Lowest noise level t of the DM and GAN losses, "
+                          "t ~ U[t-min, t-max].")
     t_max: float = H.flag(0.98, "Highest noise level t of the DM and GAN losses.")
     teacher_substeps: int = H.flag(8, "Teacher DDIM steps per student step, in the teacher's "
                                    "rollouts and the diagnostic's labels.")
@@ -104,11 +106,13 @@ class Config(H.DistillConfig):
     grad_clip: float = 10.0
 
 
-PRESETS = {  # per-process batch for 8 GPUs; DMD2's ImageNet-64 recipe: lr 2e-6 for G and mu_fake, 5 mu_fake
-    # steps per G step, GAN weights 3e-3 / 1e-2, bf16. Global batch 8 x 40 = 320 and 200k iterations
-    # are this code's choice (DMD2's own run length and batch are not checked here).
+PRESETS = {  # per-process batch for 8 GPUs; DMD2's ImageNet-64 recipe: lr 2e-6 for G and mu_fake,
+    # 5 mu_fake steps per G step, GAN weights 3e-3 / 1e-2, bf16. Global batch 8 x 40 = 320 and
+    # 200k iterations are this code's choice (DMD2's own run length and batch are not checked
+    # here).
     "imagenet64": dict(iters=200_000, batch_size=40, lr=2e-6, fake_updates=5, ckpt_every=5000,
-                       log_every=100, buffer_size=8192, eval_samples=50_000, ref_samples=0, cond=True),
+                       log_every=100, buffer_size=8192, eval_samples=50_000, ref_samples=0,
+                       cond=True),
     # no published CIFAR-10 DMD2 recipe: the ImageNet-64 one, at a 32x32 batch of 8 x 64 = 512
     "cifar10": dict(iters=200_000, batch_size=64, lr=2e-6, fake_updates=5, ckpt_every=5000,
                     log_every=100, buffer_size=8192, eval_samples=50_000, ref_samples=0),
@@ -160,8 +164,8 @@ def gan_d_loss(logits_real, logits_fake):
 
 
 def fake_score_loss(fake, head, x, real, y, y_real, gan, t_min, t_max):
-    """mu_fake's v loss on sg(x) at t ~ U[0, 1], plus D's loss on noised data vs noised x. One forward
-    pass over [x_t, real_t, fake_t] (DDP wants one). Returns (loss_v, loss_d or None)."""
+    """mu_fake's v loss on sg(x) at t ~ U[0, 1], plus D's loss on noised data vs noised x. One
+    forward pass over [x_t, real_t, fake_t] (DDP wants one). Returns (loss_v, loss_d or None)."""
     x, B = x.detach(), x.shape[0]
     t = torch.rand(B, device=x.device)
     alpha, sigma = coefs(t, x)
@@ -180,7 +184,8 @@ def fake_score_loss(fake, head, x, real, y, y_real, gan, t_min, t_max):
 # ---- G's inputs: DDIL's three state sources, (x_t, t, y, w) at the sampling times tau_i ---------
 
 def data_states(x0, y, taus):
-    """Real data forward-diffused to a random sampling time: x_t = alpha x0 + sigma eps, t ~ U{taus}."""
+    """Real data forward-diffused to a random sampling time:
+    x_t = alpha x0 + sigma eps, t ~ U{taus}."""
     t = taus.to(x0.device)[torch.randint(0, len(taus), (x0.shape[0],), device=x0.device)]
     return C.diffuse(x0, t), t, y, None
 
@@ -190,7 +195,8 @@ def backward_simulation(G, x1, y, taus, *, bound, expert=None, expert_w=0.0, sub
     """DMD2's backward simulation: G's re-noising sampler from noise x1 at tau_1 to tau_K, no grad.
     Returns the states at every sampling time, [K n] (tau-major), with their times and labels.
     With p > 0 each step is, with probability p, the expert's own action from that state (its
-    DDIM at guidance expert_w, `substeps` per student step): --rollout-teacher-p, DAgger's mixture."""
+    DDIM at guidance expert_w, `substeps` per student step): --rollout-teacher-p, DAgger's
+    mixture."""
     K = len(taus)
     noises = [torch.randn_like(x1) for _ in range(K - 1)]
     fine = C.time_grid(K * substeps)
@@ -234,7 +240,8 @@ def generator_sample(G, x_in, t_in, y, *, bound):
 
 def generator_update(G, fake, head, T, opt, x, y, cfg):
     """One step of G on its samples x: the DM loss against the guided real score and the fake
-    score, plus the GAN generator loss. mu_fake and D get no gradient. Returns {loss name: value}."""
+    score, plus the GAN generator loss. mu_fake and D get no gradient.
+    Returns {loss name: value}."""
     fake.requires_grad_(False), head.requires_grad_(False)
     with H.autocast(x.device, cfg.bf16):
         loss_dm, _ = dm_loss(x, C.guided(T, y, cfg.guidance), lambda x, t: fake(x, t, y),
@@ -304,23 +311,27 @@ def main(argv=None):
     taus = C.time_grid(K)[:-1]
     # DMD2 simulates G's inputs from the current G; a ring of (refresh / refresh_every) x K x
     # fake_updates x sim_staleness states holds none older than sim_staleness G updates (G only
-    # moves every fake_updates iterations), at no extra cost: the simulation per iteration is the same
+    # moves every fake_updates iterations), at no extra cost: the simulation per iteration is
+    # the same
     per_update = cfg.refresh * K * cfg.fake_updates * cfg.sim_staleness // cfg.refresh_every
     buffers = {"teacher": C.MixingBuffer(cfg.buffer_size),
                "student": C.MixingBuffer(min(cfg.buffer_size, max(1, per_update)))}
     ck, step, train_time = H.resume(ckpt_path, device, G.config, {
         "net": G, "fake": fake, "head": head, "opt_g": opt_g, "opt_f": opt_f, "buffers": buffers})
     if ck is not None and ck["steps"] != K:
-        H.fail(f"{ckpt_path} holds a {ck['steps']}-step generator, not --steps {K}: use a fresh --out")
+        H.fail(f"{ckpt_path} holds a {ck['steps']}-step generator, not --steps {K}: "
+               "use a fresh --out")
     shape = (G.config["in_ch"], G.config["resolution"], G.config["resolution"])
     G_train, fake_train = (H.compile_trial(DDP(n) if world > 1 else n, cfg, shape, labels=nc > 0)
                            for n in (G, fake))
     head_train = DDP(head) if world > 1 and cfg.gan_weight > 0 else head
     if H.is_main():
         print(f"dmd2_ddil: K={K}, betas (data, teacher, student) = {betas}, bound {cfg.bound}, "
-              f"GAN {'on' if cfg.gan_weight > 0 else 'off'}" + (f", guidance w {cfg.guidance:g}" if nc else "")
+              f"GAN {'on' if cfg.gan_weight > 0 else 'off'}"
+              + (f", guidance w {cfg.guidance:g}" if nc else "")
               + f", global batch {cfg.batch_size * world}, {device}"
-              + ("; K = 1: G's input is pure noise, the betas do not apply" if K == 1 else ""), flush=True)
+              + ("; K = 1: G's input is pure noise, the betas do not apply" if K == 1 else ""),
+              flush=True)
 
     def new_trajectories(n):  # noise and labels of n fresh rollouts
         return torch.randn(n, *shape, device=device), C.random_labels(n, nc, device)
@@ -345,7 +356,8 @@ def main(argv=None):
         real, y_real = batches.get(step)
         y_real = y_real if nc else None
         if K == 1:  # G's input is pure noise at tau_1 = 1
-            x_in, t_in, y = torch.randn_like(real), torch.ones(B, device=device), C.random_labels(B, nc, device)
+            x_in, t_in, y = (torch.randn_like(real), torch.ones(B, device=device),
+                             C.random_labels(B, nc, device))
         else:
             n_data, n_teacher, n_student = C.source_counts(
                 B, C.ramped_betas(betas, step / cfg.iters, cfg.beta_ramp))
@@ -360,7 +372,8 @@ def main(argv=None):
         with torch.set_grad_enabled(g_step), H.autocast(device, cfg.bf16):
             x = generator_sample(G_train if g_step else G, x_in, t_in, y, bound=cfg.bound)
         rec = generator_update(G, fake, head, T, opt_g, x, y, cfg) if g_step else {}
-        rec.update(fake_score_update(fake_train, head_train, fake, head, opt_f, x, real, y, y_real, cfg))
+        rec.update(fake_score_update(fake_train, head_train, fake, head, opt_f, x, real, y, y_real,
+                                     cfg))
         step += 1
         train_time += time.time() - t0
         log.update()
@@ -390,11 +403,12 @@ def main(argv=None):
                                         bound=cfg.bound)
             return (g - label).pow(2).mean(dim=(1, 2, 3))
     ks = sorted({1, K})
-    E.final_evaluation(cfg.out, G, "renoise", ks, T, sorted({1, K, cfg.reference_steps}), cfg.eval_samples,
-                                imitation_error, cfg.shift_samples, ref_samples=cfg.ref_samples, w_student=0.0, extra={
-                                    "it_per_s": step / max(train_time, 1e-9),
-                                    "train_time_s": train_time, "config": asdict(cfg)},
-                                **{**protocol, "w": cfg.guidance})
+    E.final_evaluation(cfg.out, G, "renoise", ks, T, sorted({1, K, cfg.reference_steps}),
+                       cfg.eval_samples, imitation_error, cfg.shift_samples,
+                       ref_samples=cfg.ref_samples, w_student=0.0,
+                       extra={"it_per_s": step / max(train_time, 1e-9),
+                              "train_time_s": train_time, "config": asdict(cfg)},
+                       **{**protocol, "w": cfg.guidance})
     H.barrier()
     return G
 

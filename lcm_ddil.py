@@ -9,9 +9,10 @@ The consistency function carries the boundary condition f(x, 0) = x by construct
     c_skip = sd^2 / ((s t)^2 + sd^2),  c_out = s t / sqrt((s t)^2 + sd^2),  sd = 0.5, s = 10000
 (LCM's 10 per step of 1000), and the student S (initialised from T, without dropout; with a
 w input when guided, as LCM) minimises
-    L = d( f_S(x_{t_n}, t_n, y, w),  stopgrad f_target(x_hat_{n-1}, t_{n-1}, y, w) ),  d = L2 or pseudo-Huber
-with target = EMA of S (--target-ema; 0 = S itself). Guidance: w ~ U[--w-min, --w-max] per state
-(class-conditional teachers; w = 0 is CD's unguided setting).
+    L = d( f_S(x_{t_n}, t_n, y, w),  stopgrad f_target(x_hat_{n-1}, t_{n-1}, y, w) )
+with d = L2 or pseudo-Huber (--loss) and target = EMA of S (--target-ema; 0 = S itself).
+Guidance: w ~ U[--w-min, --w-max] per state (class-conditional teachers; w = 0 is CD's unguided
+setting).
 
 DDIL: each batch mixes, round(B beta) states each,
     data     x_t = alpha x0 + sigma eps at random grid times (a fresh w per state),
@@ -19,7 +20,8 @@ DDIL: each batch mixes, round(B beta) states each,
              kept at the K sampling times tau_i,
     student  S's own multistep sampler, kept at the tau_i,
 the rollouts served through replay buffers that keep every state's (t, y, w).
-Multistep sampling at tau_i = 1 - (i-1)/K: x0_hat = bound(f_S(x, tau_i)), x = alpha x0_hat + sigma z.
+Multistep sampling at tau_i = 1 - (i-1)/K:
+    x0_hat = bound(f_S(x, tau_i)),   x = alpha x0_hat + sigma z.
 Since c_skip(tau) < 0.25 / (s tau)^2 = 4e-8 at every tau >= 1/4, f = x0_hat to float precision at
 the sampling times of K <= 4 (1.6e-7 at K = 8), so the sampler is common.generate(kind="renoise").
 
@@ -28,8 +30,8 @@ Deviations: the default grid is 48 (LCM: 50) so that it contains the sampling ti
 --sample-bound on evaluation samples); rollouts are pushed in batches every --refresh-every
 iterations (cheaper on CPU than a few trajectories every iteration).
 
-    python lcm_ddil.py                      # digits: trains the teacher if missing (~7 min)
-    python lcm_ddil.py --cond               # the guided, class-conditional digits lab
+    python lcm_ddil.py         # digits: the shipped teacher, about 4 min on 2 CPU cores
+    python lcm_ddil.py --cond  # the guided, class-conditional digits lab
     python lcm_ddil.py --beta-data 1 --beta-teacher 0 --beta-student 0 --bound none  # LCM / CD
     torchrun --nproc_per_node=8 lcm_ddil.py --dataset cifar10
 """
@@ -50,7 +52,8 @@ from teacher import load_teacher, make_student
 
 @dataclass
 class Config(H.DistillConfig):
-    grid: int = H.flag(48, "N, the training grid t_n = n / N; it must contain the K sampling times.")
+    grid: int = H.flag(48, "N, the training grid t_n = n / N; it must contain the K sampling "
+                       "times.")
     target_ema: float = H.flag(0.95, "EMA decay of the target network (0 = the student itself "
                                "with stop-gradient).")
     loss: str = H.flag("l2", "The distance d of the consistency loss: l2, or LCM's pseudo-Huber.",
@@ -103,7 +106,8 @@ def consistency_fn(net, x, t, y=None, w=0.0, *, bound):
 
 @torch.no_grad()
 def teacher_step(teacher, x, t, s, y=None, w=0.0, *, bound):
-    """One DDIM step t -> s (per-sample [B]) of the (guided) teacher; lands on x0_hat where s = 0."""
+    """One DDIM step t -> s (per-sample [B]) of the (guided) teacher; lands on x0_hat where
+    s = 0."""
     (a_t, s_t), (a_s, s_s) = C.alpha_sigma(t), C.alpha_sigma(s)
     v = C.guided(teacher, y, w)(x, t).float()
     x_s, x0 = C.reflected_step(x, v, a_t, s_t, a_s, s_s, bound=bound)
@@ -153,7 +157,8 @@ def guidance_weights(n, w_min, w_max, device="cpu"):
 
 
 def data_states(x0, y, w, grid):
-    """Forward-diffused data at random grid times: x_t = alpha x0 + sigma eps, t = n/N, n ~ U{1..N}."""
+    """Forward-diffused data at random grid times:
+    x_t = alpha x0 + sigma eps, t = n/N, n ~ U{1..N}."""
     t = torch.randint(1, grid + 1, (x0.shape[0],), device=x0.device) / grid
     return C.diffuse(x0, t), t, y, w
 
@@ -240,11 +245,14 @@ def main(argv=None):
         P.warm_up_head(student, teacher, data, cfg.head_warmup, cfg.batch_size, cfg.lr, cfg.seed)
     target = make_target(student, cfg.target_ema)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
-    buffers = {"teacher": C.MixingBuffer(cfg.buffer_size), "student": C.MixingBuffer(cfg.buffer_size)}
+    buffers = {"teacher": C.MixingBuffer(cfg.buffer_size),
+               "student": C.MixingBuffer(cfg.buffer_size)}
     ck, step, train_time = H.resume(ckpt_path, device, student.config, {
-        "net": student, "target": target if target is not student else None, "opt": opt, "buffers": buffers})
+        "net": student, "target": target if target is not student else None, "opt": opt,
+        "buffers": buffers})
     shape = (teacher.config["in_ch"], teacher.config["resolution"], teacher.config["resolution"])
-    net = H.compile_trial(DDP(student) if world > 1 else student, cfg, shape, labels=guided, w=guided)
+    net = H.compile_trial(DDP(student) if world > 1 else student, cfg, shape, labels=guided,
+                          w=guided)
     if H.is_main():
         print(f"lcm_ddil: K={K}, grid {N}, betas (data, teacher, student) = {betas}, bound "
               f"{cfg.bound}" + (f", w ~ U[{cfg.w_min:g}, {cfg.w_max:g}]" if nc else "") +
@@ -290,14 +298,16 @@ def main(argv=None):
             log.log(step, loss=loss, train_s=round(train_time, 3), **per_src)
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iters):
             log.log(step, train_s=round(train_time, 3),
-                    **E.fd_during_training(student, "renoise", K, cfg.eval_every_samples, **protocol))
+                    **E.fd_during_training(student, "renoise", K, cfg.eval_every_samples,
+                                           **protocol))
         if step % cfg.ckpt_every == 0 or step == cfg.iters:
             H.save_checkpoint(ckpt_path, {
                 "net": student.state_dict(), "model_config": student.config, "sampler": "renoise",
                 "steps": K, "w": w_eval, "config": asdict(cfg), "step": step,
                 "train_time_s": train_time, "opt": opt.state_dict(),
                 "target": target.state_dict() if target is not student else None,
-                "buffers": {name: buf.state_dict() for name, buf in buffers.items()}}, per_rank=("buffers",))
+                "buffers": {name: buf.state_dict() for name, buf in buffers.items()},
+            }, per_rank=("buffers",))
     log.close()
 
     # evaluation: the student at K = 1, 2, K; the teacher at the same K and at many steps
@@ -310,9 +320,10 @@ def main(argv=None):
                                     bound=cfg.bound, loss=cfg.loss, huber_c=cfg.huber_c)
     ks = sorted({1, 2, K})
     E.final_evaluation(cfg.out, student, "renoise", ks, teacher, ks + [cfg.reference_steps],
-                                cfg.eval_samples, imitation_error, cfg.shift_samples, ref_samples=cfg.ref_samples, extra={
-                                    "it_per_s": step / train_time if train_time > 0 else None,
-                                    "train_time_s": train_time, "config": asdict(cfg)}, **protocol)
+                       cfg.eval_samples, imitation_error, cfg.shift_samples,
+                       ref_samples=cfg.ref_samples,
+                       extra={"it_per_s": step / train_time if train_time > 0 else None,
+                              "train_time_s": train_time, "config": asdict(cfg)}, **protocol)
     H.barrier()
     return student
 

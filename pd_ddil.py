@@ -13,8 +13,8 @@ target is the x0 that makes one DDIM step from x_t land on z'':
 DDIL: the batch's states come from a mixture, round(B * beta) of each (common.cat_states):
 forward-diffused data at the grid times (beta_data), states of the 2N-step teacher sampler at the
 grid times (beta_teacher), states of the student's own N-step sampler (beta_student); rollouts
-run without grad and go through a MixingBuffer (common.replay). Original PD: --beta-data 1 --beta-teacher 0
---beta-student 0 --bound none.
+run without grad and go through a MixingBuffer (common.replay). Original PD: --beta-data 1
+--beta-teacher 0 --beta-student 0 --bound none.
 
 Guidance (class-conditional teachers, as guided PD, Meng et al. 2023): the first stage's teacher
 is classifier-free guided at --guidance w, v = v_u + (1 + w)(v(x, y) - v_u); its student learns
@@ -29,11 +29,12 @@ two bounded x0_hats (both weights >= 0 since alpha/sigma falls with t), so it li
 and a student that matches it takes the same bounded step as the unbounded one, landing on z''.
 
 Deviations from the paper's recipe: the rollouts are refreshed in one batched sampler call every
---refresh-every iterations (default N), so they cost about one network call of batch --refresh
-per iteration; the student has no dropout (PD uses none).
+--refresh-every iterations (default N), so they cost about one (the student's N-step sampler) or
+two (the teacher's 2N-step one) network calls of batch --refresh per iteration; the student has
+no dropout (PD uses none).
 
-    python pd_ddil.py                                         # digits, 64 -> 4 steps, CPU
-    python pd_ddil.py --cond --guidance 2                     # the guided, class-conditional lab
+    python pd_ddil.py                        # digits: the shipped teacher, 64 -> 4 steps, CPU
+    python pd_ddil.py --cond --guidance 2    # the guided, class-conditional lab
     python pd_ddil.py --beta-data 1 --beta-student 0 --bound none --out runs/pd-baseline
     torchrun --nproc_per_node=8 pd_ddil.py --dataset cifar10
 """
@@ -73,13 +74,14 @@ class Config(H.DistillConfig):
 
 
 PRESETS = {  # per-process batch for 8 GPUs: 8 x 16 = 128, the published CIFAR-10 batch; on one GPU
-    # pass --batch-size 128 (fits; --grad-accum 2 halves the activations). lr 5e-5 decayed to 0 per
-    # stage, 50k iterations per stage, grad-clip 1, no EMA, no dropout (the student trains in eval mode)
-    "cifar10": dict(lr=5e-5, iters_per_stage=50_000, batch_size=16, eval_samples=50_000, ref_samples=0,
-                    ckpt_every=5000, log_every=100),
+    # pass --batch-size 128 (fits; --grad-accum 2 halves the activations). lr 5e-5 decayed to 0
+    # per stage, 50k iterations per stage, grad-clip 1, no EMA, no dropout (the student trains in
+    # eval mode)
+    "cifar10": dict(lr=5e-5, iters_per_stage=50_000, batch_size=16, eval_samples=50_000,
+                    ref_samples=0, ckpt_every=5000, log_every=100),
     # not a published recipe (PD published none at 64x64): the CIFAR-10 one at the same batch
-    "imagenet64": dict(lr=5e-5, iters_per_stage=50_000, batch_size=16, eval_samples=50_000, ref_samples=0,
-                       ckpt_every=5000, log_every=100, cond=True),
+    "imagenet64": dict(lr=5e-5, iters_per_stage=50_000, batch_size=16, eval_samples=50_000,
+                       ref_samples=0, ckpt_every=5000, log_every=100, cond=True),
 }
 
 
@@ -100,12 +102,13 @@ def stage_steps(teacher_steps, steps):
 def pd_target(teacher, x_t, t, N, bound, y=None, w=0.0):
     """x_tilde: the x0 whose single DDIM step t -> s lands on the teacher's two steps (fp32); the
     teacher at labels y, classifier-free guided at w."""
-    i = torch.round(t * N)  # grid index: the times come from i/N exactly, whatever the state's source
+    i = torch.round(t * N)  # grid index: the times are i/N exactly, whatever the state's source
     t, t_mid, s = i / N, (i - 0.5) / N, (i - 1) / N
     (a_t, s_t), (a_m, s_m), (a_s, s_s) = C.alpha_sigma(t), C.alpha_sigma(t_mid), C.alpha_sigma(s)
     v_teacher = C.guided(teacher, y, w)
     z1, _ = C.reflected_step(x_t, v_teacher(x_t, t).float(), a_t, s_t, a_m, s_m, bound=bound)
-    z2, x0_last = C.reflected_step(z1, v_teacher(z1, t_mid).float(), a_m, s_m, a_s, s_s, bound=bound)
+    z2, x0_last = C.reflected_step(z1, v_teacher(z1, t_mid).float(), a_m, s_m, a_s, s_s,
+                                   bound=bound)
     r = s_s / s_t
     x_tilde = (z2 - C.bcast(r, x_t) * x_t) / C.bcast(a_s - r * a_t, x_t)
     return torch.where(C.bcast(s == 0, x_t).bool(), x0_last, x_tilde)
@@ -228,8 +231,8 @@ def main(argv=None):
     if H.is_main():
         print(f"pd_ddil: stages {cfg.teacher_steps} -> {' -> '.join(map(str, stages))}, "
               f"{ips} iterations each; batch {cfg.batch_size} x {world}, betas {betas} "
-              f"(data, teacher, student); bound {cfg.bound}" + (f"; guidance w {w_guide:g}" if nc else "")
-              + f"; {device}", flush=True)
+              f"(data, teacher, student); bound {cfg.bound}"
+              + (f"; guidance w {w_guide:g}" if nc else "") + f"; {device}", flush=True)
     # the student is sampled plainly (w = 0): it has learnt the guided teacher's steps
     protocol = dict(dataset=cfg.dataset, bound=cfg.sample_bound, seed=cfg.seed, device=device,
               data_dir=cfg.data_dir, w=0.0)
@@ -245,7 +248,8 @@ def main(argv=None):
         if resuming:
             teacher = stage_teacher(ck, ckpt_path, device)
         else:  # a new stage: the student becomes the teacher; fresh optimiser and buffers
-            teacher = teacher0 if stage == 0 else copy.deepcopy(student).eval().requires_grad_(False)
+            teacher = (teacher0 if stage == 0
+                       else copy.deepcopy(student).eval().requires_grad_(False))
         opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
         buffers = {k: C.MixingBuffer(cfg.buffer_size) for k in ("teacher", "student")}
         if resuming:
@@ -287,14 +291,17 @@ def main(argv=None):
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
                 # the student of every stage sampled at the final K: one curve across stages
                 log.log(step, stage=stage, train_s=round(train_time, 3),
-                        **E.fd_during_training(student, "ddim", cfg.steps, cfg.eval_every_samples, **protocol))
+                        **E.fd_during_training(student, "ddim", cfg.steps, cfg.eval_every_samples,
+                                               **protocol))
             if step % cfg.ckpt_every == 0 or step == stop or step == (stage + 1) * ips:
                 H.save_checkpoint(ckpt_path, {
                     "net": student.state_dict(), "model_config": student.config, "sampler": "ddim",
-                    "steps": N, "w": w_guide, "config": asdict(cfg), "teacher": teacher.state_dict(),
-                    "teacher_config": teacher.config, "opt": opt.state_dict(), "step": step,
-                    "stage": stage, "train_time_s": train_time,
-                    "buffers": {k: b.state_dict() for k, b in buffers.items()}}, per_rank=("buffers",))
+                    "steps": N, "w": w_guide, "config": asdict(cfg),
+                    "teacher": teacher.state_dict(), "teacher_config": teacher.config,
+                    "opt": opt.state_dict(), "step": step, "stage": stage,
+                    "train_time_s": train_time,
+                    "buffers": {k: b.state_dict() for k, b in buffers.items()},
+                }, per_rank=("buffers",))
         if step < (stage + 1) * ips:  # stopped by --iters mid-stage; the checkpoint is written
             break
         stage_metrics, _ = E.evaluate_net(student, "ddim", N, cfg.stage_eval_samples, **protocol)
@@ -302,7 +309,8 @@ def main(argv=None):
     log.close()
     if step < total:
         if H.is_main():
-            print(f"stopped at step {step} of {total}; rerun the same command to resume", flush=True)
+            print(f"stopped at step {step} of {total}; rerun the same command to resume",
+                  flush=True)
         return student
 
     # final evaluation: the student at K; the first teacher at K and at 64 with its guidance
@@ -315,8 +323,9 @@ def main(argv=None):
         with torch.no_grad():
             return pd_loss(student, teacher, x_t, torch.full((len(x_t),), t, device=device), K,
                            cfg.bound, y, w, cfg.bf16)
-    E.final_evaluation(cfg.out, student, "ddim", [K], teacher0, sorted({K, cfg.reference_steps}), cfg.eval_samples,
-                       imitation_error, cfg.shift_samples, ref_samples=cfg.ref_samples, w_student=0.0,
+    E.final_evaluation(cfg.out, student, "ddim", [K], teacher0, sorted({K, cfg.reference_steps}),
+                       cfg.eval_samples, imitation_error, cfg.shift_samples,
+                       ref_samples=cfg.ref_samples, w_student=0.0,
                        extra={"it_per_s": total / max(train_time, 1e-9), "train_time_s": train_time,
                               "config": asdict(cfg)}, **{**protocol, "w": w_guide})
     H.barrier()
