@@ -295,6 +295,7 @@ def main(argv=None):
     cfg = H.parse_config(Config, argv, PRESETS)
     betas = check(cfg)
     rank, world, device, data = H.setup(cfg, "dmd2_ddil")
+    E.check_feature_extractor(cfg.dataset, device, cfg.inception_weights)
     T = load_teacher(cfg.teacher, cfg.dataset, device, cfg.cond, cfg.edm_repo, cfg.data_dir)
     nc, K, B = T.num_classes, cfg.steps, cfg.batch_size
     cfg.guidance = cfg.guidance if nc else 0.0
@@ -318,10 +319,9 @@ def main(argv=None):
                "student": C.MixingBuffer(min(cfg.buffer_size, max(1, per_update)))}
     ck, step, train_time = H.resume(ckpt_path, device, G.config, {
         "net": G, "fake": fake, "head": head, "opt_g": opt_g, "opt_f": opt_f, "buffers": buffers})
-    if ck is not None and ck["steps"] != K:
-        H.fail(f"{ckpt_path} holds a {ck['steps']}-step generator, not --steps {K}: "
-               "use a fresh --out")
     shape = (G.config["in_ch"], G.config["resolution"], G.config["resolution"])
+    H.check_free_space(cfg.out, [G, fake, head], [G, fake, head],
+                       sum(b.capacity for b in buffers.values()), shape, world)
     G_train, fake_train = (H.compile_trial(DDP(n) if world > 1 else n, cfg, shape, labels=nc > 0)
                            for n in (G, fake))
     head_train = DDP(head) if world > 1 and cfg.gan_weight > 0 else head
@@ -347,7 +347,7 @@ def main(argv=None):
 
     # G is sampled plainly (w = 0): it has learnt the guided real score's distribution
     protocol = dict(dataset=cfg.dataset, bound=cfg.sample_bound, seed=cfg.seed, device=device,
-              data_dir=cfg.data_dir, w=0.0)
+                    data_dir=cfg.data_dir, w=0.0, inception_weights=cfg.inception_weights)
     batches = H.Batches(data, cfg.batch_size, cfg.seed, rank, world, device)
     log = H.Logger(cfg.out, cfg.iters, step, desc="dmd2_ddil")
     while step < cfg.iters:

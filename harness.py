@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -194,6 +195,9 @@ class DistillConfig(RunConfig):
     reference_steps: int = flag(64, "Sampling steps of the many-step teacher row in the final evaluation.")
     ref_samples: int = flag(2000, "Teacher samples at --reference-steps that the student's samples "
                             "are also compared with (FD against the teacher; 0 = off).")
+    inception_weights: str = flag("", "A local copy of the TF-Inception FID weights "
+                                  "(pt_inception-2015-12-05-6726825d.pth) for machines without "
+                                  "internet; default: torch-fidelity downloads them.")
 
 
 def setup(cfg, script):
@@ -219,7 +223,7 @@ def setup(cfg, script):
 MAY_CHANGE_ON_RESUME = (
     "out", "data_dir", "edm_repo", "device", "compile", "iters", "ckpt_every", "log_every",
     "eval_every", "eval_every_samples", "eval_samples", "stage_eval_samples", "shift_samples",
-    "reference_steps", "ref_samples", "sample_count", "sample_steps",
+    "reference_steps", "ref_samples", "sample_count", "sample_steps", "inception_weights",
 )
 
 
@@ -810,6 +814,22 @@ def check_out_dir(out):
         fail(f"--out {out!r} is not writable: pick another --out")
 
 
+def check_free_space(out, nets, trained, buffer_states=0, shape=(), world=1):
+    """Stop with one line, before the first iteration, when --out cannot hold what the run will
+    write: two checkpoints (atomic_write keeps the old one until the new one is in place) of the
+    nets' weights and Adam's two moments of the trained ones, and every rank's replay buffers
+    full (buffer_states per rank: rank 0's in the checkpoint, the others' in sidecars), fp32
+    states of `shape`."""
+    weights = sum(t.numel() * t.element_size() for n in nets for t in n.state_dict().values())
+    adam = sum(2 * 4 * p.numel() for n in trained for p in n.parameters())
+    states = world * buffer_states * 4 * (math.prod(shape) + 3)
+    need, free = 2 * (weights + adam + states), shutil.disk_usage(out).free
+    if free < need:
+        fail(f"--out {out!r} has {free / 2**30:.2f} GiB free, but this run writes about "
+             f"{need / 2**30:.2f} GiB (two checkpoints and every rank's replay buffers): free "
+             f"space there or pick another --out")
+
+
 def atomic_write(path, write, what):
     """write(fh) to a temporary file beside path, fsync, os.replace: a crash, a full disk or a
     lost permission never leaves a half-written file, and the previous one stays. An OSError
@@ -854,9 +874,8 @@ def save_checkpoint(path, state, per_rank=()):
         bad = next((f"rank {r}'s {b}" for r, b in enumerate(found) if b is not None), None)
     if bad is not None:
         at = f" at step {step}" if step is not None else ""
-        resume = " (it resumes from there)" if os.path.isfile(path) else ""
         fail(f"not writing {path}: {bad} holds NaN or inf{at}; {last_checkpoint(path)}: "
-             f"lower --lr and rerun{resume}")
+             f"rerun with a lower --lr and a fresh --out")
     if rank > 0 and per_rank:
         atomic_write(f"{path}.rank{rank}.step{step}", lambda fh: torch.save(mine, fh), "checkpoint")
     barrier()
@@ -873,12 +892,13 @@ def save_checkpoint(path, state, per_rank=()):
 
 
 def check_finite_loss(losses, step, ckpt_path):
-    """Stop with one line when a logged loss {name: value} is NaN or inf, naming the checkpoint
-    that a rerun resumes from (save_checkpoint never writes a non-finite state)."""
+    """Stop with one line when a logged loss {name: value} is NaN or inf, naming the last good
+    checkpoint (save_checkpoint never writes a non-finite state). A lower --lr is another run
+    (check_same_run): it goes into a fresh --out."""
     bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
     if bad:
         fail(f"{', '.join(f'{k} is {v}' for k, v in bad.items())} at step {step}; "
-             f"{last_checkpoint(ckpt_path)}: lower --lr and rerun (it resumes)")
+             f"{last_checkpoint(ckpt_path)}: rerun with a lower --lr and a fresh --out")
 
 
 def last_checkpoint(path):

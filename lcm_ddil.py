@@ -233,6 +233,7 @@ def main(argv=None):
     cfg = H.parse_config(Config, argv, PRESETS)
     betas = check(cfg)
     rank, world, device, data = H.setup(cfg, "lcm_ddil")
+    E.check_feature_extractor(cfg.dataset, device, cfg.inception_weights)
     teacher = load_teacher(cfg.teacher, cfg.dataset, device, cfg.cond, cfg.edm_repo, cfg.data_dir)
     K, N, nc = cfg.steps, cfg.grid, teacher.num_classes
     guided = nc > 0 and cfg.w_max > 0  # a w-conditioned student distils the guided teacher
@@ -251,6 +252,7 @@ def main(argv=None):
         "net": student, "target": target if target is not student else None, "opt": opt,
         "buffers": buffers})
     shape = (teacher.config["in_ch"], teacher.config["resolution"], teacher.config["resolution"])
+    H.check_free_space(cfg.out, [student, target], [student], 2 * cfg.buffer_size, shape, world)
     net = H.compile_trial(DDP(student) if world > 1 else student, cfg, shape, labels=guided,
                           w=guided)
     if H.is_main():
@@ -272,7 +274,7 @@ def main(argv=None):
                                expert=teacher, grid=N, p=cfg.rollout_teacher_p)
 
     protocol = dict(dataset=cfg.dataset, bound=cfg.sample_bound, seed=cfg.seed, device=device,
-              data_dir=cfg.data_dir, w=w_eval)
+                    data_dir=cfg.data_dir, w=w_eval, inception_weights=cfg.inception_weights)
     batches = H.Batches(data, cfg.batch_size, cfg.seed, rank, world, device)
     log = H.Logger(cfg.out, cfg.iters, step, desc="lcm_ddil")
     while step < cfg.iters:

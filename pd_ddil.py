@@ -199,18 +199,11 @@ def check(cfg):
     return stages, H.check_ddil(cfg)
 
 
-def check_same_schedule(ck, cfg, path):
-    """A resume must continue the same stage schedule, or it is not the same run."""
-    for k in ("teacher_steps", "steps", "iters_per_stage", "batch_size", "seed", "guidance"):
-        if ck["config"].get(k) != getattr(cfg, k):
-            H.fail(f"{path} was trained with --{k.replace('_', '-')} {ck['config'].get(k)}, not "
-                   f"{getattr(cfg, k)}: pass the same value to resume, or a fresh --out")
-
-
 def main(argv=None):
     cfg = H.parse_config(Config, argv, PRESETS)
     stages, betas = check(cfg)
     rank, world, device, data = H.setup(cfg, "pd_ddil")
+    E.check_feature_extractor(cfg.dataset, device, cfg.inception_weights)
     teacher0 = load_teacher(cfg.teacher, cfg.dataset, device, cfg.cond, cfg.edm_repo, cfg.data_dir)
     nc = teacher0.num_classes
     w_guide = cfg.guidance if nc else 0.0  # the first teacher's guidance; later stages are plain
@@ -220,9 +213,8 @@ def main(argv=None):
     if not os.path.isfile(ckpt_path):  # a fresh run fits a re-read v head first; a resume loads it
         P.warm_up_head(student, teacher0, data, cfg.head_warmup, cfg.batch_size, cfg.lr, cfg.seed)
     ck, step, train_time = H.resume(ckpt_path, device, student.config, {"net": student})
-    if ck is not None:
-        check_same_schedule(ck, cfg, ckpt_path)
     shape = (student.config["in_ch"], student.config["resolution"], student.config["resolution"])
+    H.check_free_space(cfg.out, [student, student], [student], 2 * cfg.buffer_size, shape, world)
     net = H.compile_trial(DDP(student) if world > 1 else student, cfg, shape, labels=nc > 0)
     ips, total = cfg.iters_per_stage, len(stages) * cfg.iters_per_stage
     stop = min(cfg.iters or total, total)
@@ -235,7 +227,7 @@ def main(argv=None):
               + (f"; guidance w {w_guide:g}" if nc else "") + f"; {device}", flush=True)
     # the student is sampled plainly (w = 0): it has learnt the guided teacher's steps
     protocol = dict(dataset=cfg.dataset, bound=cfg.sample_bound, seed=cfg.seed, device=device,
-              data_dir=cfg.data_dir, w=0.0)
+                    data_dir=cfg.data_dir, w=0.0, inception_weights=cfg.inception_weights)
 
     def new_trajectories(n):  # noise and labels of n fresh rollouts
         return torch.randn(n, *shape, device=device), C.random_labels(n, nc, device)

@@ -58,20 +58,17 @@ def build_model(cfg):
 
 def main(argv=None):
     cfg = H.parse_config(Config, argv, PRESETS)
-    cfg.out = cfg.out or os.path.dirname(default_teacher_path(cfg.dataset, cfg.cond))
     H.check_positive(cfg, "iters", "batch_size", "log_every", "ckpt_every", "grad_accum",
                      "sample_count")
     if cfg.batch_size % cfg.grad_accum:
         H.fail(f"--batch-size {cfg.batch_size} is not a multiple of --grad-accum {cfg.grad_accum}")
-    H.check_out_dir(cfg.out)  # --out naming a file: one line, before any work
-    rank, world, device = H.init_dist(cfg.device)
-    data = H.load_dataset(cfg.dataset, cfg.data_dir)
-    H.save_config(cfg, cfg.out)
+    rank, world, device, data = H.setup(cfg, "teacher")  # --out: runs/teacher-<dataset>[-cond]
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and in every run
     model = build_model(cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    H.check_free_space(cfg.out, [model, ema], [model])
     ckpt_path, step = os.path.join(cfg.out, "ckpt.pt"), 0
     if os.path.isfile(ckpt_path):
         ck = H.load_checkpoint(ckpt_path, map_location=device)
@@ -205,6 +202,10 @@ def load_teacher(path, dataset, device="cpu", cond=False, edm_repo="", data_dir=
     digits and mnist a teacher trained here first by this file (saying so and how long it takes).
     A larger data set's teacher is days of GPU time: that is a one-line error with the commands.
     """
+    if os.path.isdir(path):  # a diffusers pipeline or model folder passed without its prefix
+        if H.is_main():
+            print(f"teacher: {path} is a folder, read as --teacher diffusers:{path}", flush=True)
+        path = "diffusers:" + path
     if published.is_published_spec(path):  # diffusers:..., edm-adm:..., edm-pkl:...
         model = published.load_published_teacher(path, device, edm_repo or None)
         ch, res, _ = H.DATASETS[dataset]

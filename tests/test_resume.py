@@ -1,0 +1,62 @@
+"""A rerun into an --out that holds a checkpoint continues it only as the same run: a flag that
+changes training (priors, bounds, rollouts, guidance, schedule, batch, lr, seed, teacher, ...)
+differing from the checkpoint's config stops with one line before anything is written, and
+config.json and the checkpoint stay as they were. Flags that may change (harness.
+MAY_CHANGE_ON_RESUME: counts, device, --iters) resume."""
+import os
+
+import pytest
+
+import dmd2_ddil
+import harness as H
+import lcm_ddil
+import pd_ddil
+import teacher
+
+TINY = {
+    pd_ddil: ["--teacher-steps", "4", "--steps", "2", "--iters-per-stage", "1",
+              "--stage-eval-samples", "4"],
+    lcm_ddil: ["--iters", "1", "--steps", "2", "--grid", "4"],
+    dmd2_ddil: ["--iters", "1", "--steps", "2", "--teacher-substeps", "1"],
+}
+EVAL = ["--batch-size", "4", "--buffer-size", "8", "--refresh", "1", "--eval-samples", "4",
+        "--shift-samples", "4", "--ref-samples", "0", "--reference-steps", "2"]
+
+
+def files(out):
+    return {f: open(os.path.join(out, f), "rb").read() for f in ("config.json", "ckpt.pt")}
+
+
+@pytest.mark.parametrize("mod", list(TINY), ids=lambda m: m.__name__)
+@pytest.mark.parametrize("changed", [["--lr", "1e-3"], ["--beta-student", "0.1"],
+                                     ["--bound", "clip"], ["--seed", "1"]],
+                         ids=lambda c: c[0])
+def test_a_rerun_with_another_training_flag_is_refused(tmp_path, tiny_teacher, mod, changed):
+    out = str(tmp_path / "run")
+    argv = [*TINY[mod], *EVAL, "--teacher", tiny_teacher, "--out", out]
+    mod.main(argv)
+    before = files(out)
+    with pytest.raises(SystemExit) as e:
+        mod.main(argv + changed)
+    msg = str(e.value)
+    assert msg.startswith("error:") and "\n" not in msg and changed[0] in msg and "fresh --out" in msg
+    assert files(out) == before  # config.json not overwritten, checkpoint untouched
+
+
+def test_flags_that_may_change_resume(tmp_path, tiny_teacher):
+    out = str(tmp_path / "run")
+    argv = [*TINY[lcm_ddil], *EVAL, "--teacher", tiny_teacher, "--out", out]
+    lcm_ddil.main(argv)
+    lcm_ddil.main(argv + ["--iters", "2", "--log-every", "1", "--eval-samples", "5"])  # grows
+    assert H.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 2
+
+
+def test_the_teacher_refuses_another_run_too(tmp_path):
+    out = str(tmp_path / "t")
+    argv = ["--iters", "2", "--batch-size", "4", "--sample-steps", "2", "--sample-count", "2",
+            "--out", out]
+    teacher.main(argv)
+    before = files(out)
+    with pytest.raises(SystemExit, match="--ema"):
+        teacher.main(argv + ["--ema", "0.9"])
+    assert files(out) == before
