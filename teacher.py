@@ -29,6 +29,8 @@ class Config(H.RunConfig):
                              "(classifier-free guidance; --cond only).")
     sample_steps: int = H.flag(64, "DDIM steps of the final samples.png.")
     sample_count: int = H.flag(64, "Images in the final samples.png.")
+    ch: int = H.flag(0, "The U-Net's base width (0 = the data set's preset); a narrower network "
+                     "rehearses a preset's code path on a CPU. Students inherit it.")
     # the shared flags' defaults for the digits teacher
     iters: int = 4000
     batch_size: int = 128
@@ -49,11 +51,12 @@ PRESETS = {  # batch_size is per process: global = 8 x 64 = 512 on 8 GPUs (on 1 
 
 
 def build_model(cfg):
-    preset = cfg.dataset if cfg.dataset in C.MODEL_PRESETS else None
-    if preset is None:  # mnist: the digits network widened for 28x28
-        return C.build_unet("digits", resolution=28, ch=64, attn_res=(7,),
-                            num_classes=10 if cfg.cond else 0)
-    return C.build_unet(preset, num_classes=H.DATASETS[cfg.dataset][2] if cfg.cond else 0)
+    num_classes = H.DATASETS[cfg.dataset][2] if cfg.cond else 0
+    width = dict(ch=cfg.ch) if cfg.ch else {}
+    if cfg.dataset not in C.MODEL_PRESETS:  # mnist: the digits network widened for 28x28
+        return C.build_unet("digits", resolution=28, attn_res=(7,), num_classes=num_classes,
+                            **{"ch": 64, **width})
+    return C.build_unet(cfg.dataset, num_classes=num_classes, **width)
 
 
 def main(argv=None):
