@@ -61,8 +61,8 @@ class Config(H.DistillConfig):
     huber_c: float = H.flag(1e-3, "The pseudo-Huber distance's c, sqrt(d^2 + c^2) - c.")
     w_min: float = H.flag(1.0, "Lowest guidance weight w ~ U[w-min, w-max] of a class-conditional "
                           "teacher (the student is evaluated at the middle of the range).")
-    w_max: float = H.flag(3.0, "Highest guidance weight; --w-min 0 --w-max 0 is CD's unguided "
-                          "setting.")
+    w_max: float = H.flag(3.0, "Highest guidance weight; --w-max 0 is CD's unguided setting "
+                          "(then --w-min is ignored).")
     # the shared flags' defaults for LCM on digits
     iters: int = 800
     batch_size: int = 128
@@ -223,8 +223,9 @@ def check(cfg):
         H.fail(f"--batch-size {cfg.batch_size} is not a multiple of --grad-accum {cfg.grad_accum}")
     if not 0 <= cfg.target_ema < 1:
         H.fail(f"--target-ema must be in [0, 1), got {cfg.target_ema}")
-    if not 0 <= cfg.w_min <= cfg.w_max:
-        H.fail(f"need 0 <= --w-min <= --w-max, got {cfg.w_min}, {cfg.w_max}")
+    if cfg.w_max < 0 or (cfg.w_max > 0 and not 0 <= cfg.w_min <= cfg.w_max):  # w_max 0: unguided
+        H.fail(f"need 0 <= --w-min <= --w-max (or --w-max 0: unguided), got {cfg.w_min}, "
+               f"{cfg.w_max}")
     sampling_times(cfg.steps, cfg.grid)
     return H.check_ddil(cfg)
 

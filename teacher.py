@@ -252,7 +252,7 @@ def make_student(teacher, head="auto", w_embed=False):
         return C.student_of(teacher, w_embed=w_embed)
     if w_embed:
         H.fail("a published teacher has no guidance-weight input to give an LCM student: "
-               "pass --w-min 0 --w-max 0 (CD at its labels, unguided)")
+               "pass --w-max 0 (CD at its labels, unguided)")
     return published.student_copy(teacher, head=head)
 
 

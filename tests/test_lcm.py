@@ -285,3 +285,11 @@ def test_rollout_teacher_p_one_is_the_teachers_own_trajectory():
     torch.manual_seed(1)
     x_own = L.student_rollout(student, x1, y, w, steps=4, bound="reflect")[0]
     assert torch.equal(x_p0, x_own) and not torch.allclose(x_p0[3:], x_t[3:], atol=1e-3)
+
+
+def test_w_max_zero_alone_is_the_unguided_setting():
+    """--w-max 0 is CD's unguided setting whatever --w-min (default 1); a real range must be
+    ordered."""
+    L.check(H.parse_config(L.Config, ["--w-max", "0"]))
+    with pytest.raises(SystemExit, match="--w-min <= --w-max"):
+        L.check(H.parse_config(L.Config, ["--w-min", "2", "--w-max", "1"]))
