@@ -439,7 +439,9 @@ class MixingBuffer:
 
     def push(self, x, t, y=None, w=None):
         """Store states x [N, ...] at times t [N], labels y [N] (None: -1) and guidance weights
-        w [N] (None: 0); the oldest go first. With N > capacity only the newest capacity stay."""
+        w [N] (None: 0); the oldest go first. With N > capacity a uniform random subset of
+        capacity states stays: a push is time-major (all trajectories at tau_1, then tau_2, ...),
+        so keeping one end of it would keep one end of the time axis."""
         x = x.detach()
         n = x.shape[0]
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(n)
@@ -450,10 +452,12 @@ class MixingBuffer:
             self.x = x.new_zeros((self.capacity, *x.shape[1:]))
             self.t, self.y, self.w = (t.new_zeros(self.capacity), y.new_zeros(self.capacity),
                                       w.new_zeros(self.capacity))
-        m = min(n, self.capacity)
-        idx = (self.ptr + torch.arange(m, device=x.device)) % self.capacity
-        self.x[idx], self.t[idx], self.y[idx], self.w[idx] = x[-m:], t[-m:], y[-m:], w[-m:]
-        self.ptr, self.size = (self.ptr + m) % self.capacity, min(self.capacity, self.size + m)
+        if n > self.capacity:
+            keep = torch.randperm(n)[:self.capacity].to(x.device)
+            x, t, y, w, n = x[keep], t[keep], y[keep], w[keep], self.capacity
+        idx = (self.ptr + torch.arange(n, device=x.device)) % self.capacity
+        self.x[idx], self.t[idx], self.y[idx], self.w[idx] = x, t, y, w
+        self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.capacity, self.size + n)
 
     def sample(self, n):
         """n states drawn uniformly with replacement:

@@ -34,11 +34,13 @@ betas, and DDIL changes nothing there but the bound on G's sample.
 
 Choices and deviations (DMD2 code: tianweiy/DMD2):
 - The real/fake x0 in the DM gradient are the raw network predictions (no bound): they stand for
-  scores, not sampler steps. --bound acts on G's sample in training and every rollout;
-  --sample-bound (default clip, as published samplers) on evaluation samples.
+  scores, not sampler steps. --bound acts on G's sample in training; --sample-bound (default
+  clip, as published samplers) on the evaluated samples and on both rollouts, which so run as
+  the samplers are evaluated (G's backward simulation is its evaluated K-step sampler).
 - The 1/2 ||.||^2 is a mean over elements as in DMD2's code, so the published GAN weights apply.
 - The GAN noise level is drawn like the DM one, t ~ U[0.02, 0.98]; the real images are the step's
-  data batch, which also feeds the data source of the mixture.
+  data batch. DDIL's data source diffuses the images of an independent batch (were they the
+  same, G's outputs from them would be near-copies of the real images beside them in D's loss).
 - Backward-simulation states go through a replay buffer like DDIL's other rollouts, so baseline
   and DDIL differ only in the betas and the bound. DMD2 simulates fresh from the current G; here
   the buffer of G's own states holds (refresh / refresh_every) x K x fake_updates x
@@ -51,11 +53,10 @@ Choices and deviations (DMD2 code: tianweiy/DMD2):
   G's sample and the teacher's DDIM sample from the same x_t (teacher_substeps steps per student
   step down to 0): G is trained to sample, so the teacher's *sample* from that state, not its
   one-step x0 mean, is the label it should imitate.
-- Defaults: DDIL's reflection on DMD2's own inputs, betas (0, 0, 1) + --bound reflect. Against
-  DMD2 as published (--bound none), with the clipping sampler, it helps a one-step G, where the
-  bound acts only on G's output, and does not help a multi-step G, where it also folds G's
-  training states: measured in bench/results/README.md. So keep it for --steps 1, and pass
-  --bound none for a multi-step G.
+- Defaults: betas (0, 0, 1) + --bound reflect on G's output. Against DMD2 as published
+  (--bound none), with the clipping sampler, it helped a one-step G and did not help a
+  multi-step G (measured before rollouts ran the sampling bound: bench/results/README.md). So
+  keep it for --steps 1, and pass --bound none for a multi-step G.
 
     python dmd2_ddil.py                        # digits, shipped teacher: 4-step G, DMD2 + reflect
     python dmd2_ddil.py --beta-data 0.5 --beta-student 0.5        # + DDIL's data states
@@ -338,19 +339,23 @@ def main(argv=None):
     def new_trajectories(n):  # noise and labels of n fresh rollouts
         return torch.randn(n, *shape, device=device), C.random_labels(n, nc, device)
 
+    # rollouts run as the samplers are evaluated: --sample-bound (--bound acts on G's output)
     def teacher_source(n):  # the guided teacher's DDIM, teacher_substeps per student step
         return teacher_rollout(T, *new_trajectories(n), cfg.guidance, taus,
-                               substeps=cfg.teacher_substeps, bound=cfg.bound)
+                               substeps=cfg.teacher_substeps, bound=cfg.sample_bound)
 
     def student_source(n):  # G's own backward simulation, DAgger-mixed with the teacher
-        return backward_simulation(G, *new_trajectories(n), taus, bound=cfg.bound, expert=T,
-                                   expert_w=cfg.guidance, substeps=cfg.teacher_substeps,
-                                   p=cfg.rollout_teacher_p)
+        return backward_simulation(G, *new_trajectories(n), taus, bound=cfg.sample_bound,
+                                   expert=T, expert_w=cfg.guidance,
+                                   substeps=cfg.teacher_substeps, p=cfg.rollout_teacher_p)
 
     # G is sampled plainly (w = 0): it has learnt the guided real score's distribution
     protocol = dict(dataset=cfg.dataset, bound=cfg.sample_bound, seed=cfg.seed, device=device,
                     data_dir=cfg.data_dir, w=0.0, inception_weights=cfg.inception_weights)
     batches = H.Batches(data, cfg.batch_size, cfg.seed, rank, world, device)
+    # DDIL's data states come from batches of their own: were they diffused from the GAN's real
+    # images, G's outputs from them would be near-copies of the real images beside them
+    data_batches = H.Batches(data, cfg.batch_size, cfg.seed + 1, rank, world, device)
     log = H.Logger(cfg.out, cfg.iters, step, desc="dmd2_ddil")
     while step < cfg.iters:
         t0 = time.time()
@@ -364,8 +369,9 @@ def main(argv=None):
             n_data, n_teacher, n_student = C.source_counts(
                 B, C.ramped_betas(betas, step / cfg.iters, cfg.beta_ramp))
             refresh = cfg.refresh if step % cfg.refresh_every == 0 else 0
+            x_d, y_d = data_batches.get(step) if n_data else (real, y_real)
             x_in, t_in, y, _, _ = C.cat_states(
-                data_states(real[:n_data], None if y_real is None else y_real[:n_data], taus),
+                data_states(x_d[:n_data], y_d[:n_data] if nc else None, taus),
                 C.replay(buffers["teacher"], teacher_source, n_teacher, refresh, K),
                 C.replay(buffers["student"], student_source, n_student, refresh, K))
             y = y if nc else None

@@ -181,10 +181,11 @@ class DistillConfig(RunConfig):
                             "training, the rest going to data (DAgger's schedule; 0 = fixed priors).")
     rollout_teacher_p: float = flag(0.0, "Each step of the student's rollouts is the teacher's "
                                     "own step with this probability (DAgger's mixture policy).")
-    bound: str = flag("none", "Bound on the x0 prediction during training: in the teacher steps "
-                      "that make the targets and in the rollouts.", choices=C.BOUNDS)
-    sample_bound: str = flag("clip", "Bound on the x0 prediction when sampling for evaluation "
-                             "(published samplers clip).", choices=C.BOUNDS)
+    bound: str = flag("none", "Bound on the x0 prediction in training: in the teacher steps "
+                      "behind every target (and DMD2's generator output).", choices=C.BOUNDS)
+    sample_bound: str = flag("clip", "Bound on the x0 prediction of every sampler that stands for "
+                             "a policy: the evaluated samples and the teacher's and the "
+                             "student's rollouts (published samplers clip).", choices=C.BOUNDS)
     buffer_size: int = flag(1024, "States kept per rollout source (teacher, student) in its replay buffer.")
     refresh: int = flag(32, "Fresh rollouts pushed into each source's buffer at each refresh.")
     refresh_every: int = flag(8, "Iterations between refreshes of the rollout buffers.")

@@ -26,8 +26,9 @@ Since c_skip(tau) < 0.25 / (s tau)^2 = 4e-8 at every tau >= 1/4, f = x0_hat to f
 the sampling times of K <= 4 (1.6e-7 at K = 8), so the sampler is common.generate(kind="renoise").
 
 Deviations: the default grid is 48 (LCM: 50) so that it contains the sampling times of K = 1, 2,
-4; the student's f in the loss is unbounded (--bound acts on the teacher's step and the rollouts;
---sample-bound on evaluation samples); rollouts are pushed in batches every --refresh-every
+4; the student's f in the loss is unbounded (--bound acts on the teacher's step behind each
+target; --sample-bound on the evaluated samples and both rollouts, which so run as the samplers
+are evaluated); rollouts are pushed in batches every --refresh-every
 iterations (cheaper on CPU than a few trajectories every iteration).
 
     python lcm_ddil.py         # digits: the shipped teacher, about 4 min on 2 CPU cores
@@ -267,11 +268,13 @@ def main(argv=None):
         return (torch.randn(n, *shape, device=device), C.random_labels(n, nc, device),
                 guidance_weights(n, *w_range, device))
 
+    # rollouts run as the samplers are evaluated: --sample-bound (--bound acts on the targets)
     def teacher_source(n):  # the teacher's DDIM on the N-step training grid, kept at the K times
-        return teacher_rollout(teacher, *new_trajectories(n), steps=K, grid=N, bound=cfg.bound)
+        return teacher_rollout(teacher, *new_trajectories(n), steps=K, grid=N,
+                               bound=cfg.sample_bound)
 
     def student_source(n):  # the student's own K-step sampler, DAgger-mixed with the teacher
-        return student_rollout(student, *new_trajectories(n), steps=K, bound=cfg.bound,
+        return student_rollout(student, *new_trajectories(n), steps=K, bound=cfg.sample_bound,
                                expert=teacher, grid=N, p=cfg.rollout_teacher_p)
 
     protocol = dict(dataset=cfg.dataset, bound=cfg.sample_bound, seed=cfg.seed, device=device,

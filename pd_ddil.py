@@ -21,8 +21,10 @@ is classifier-free guided at --guidance w, v = v_u + (1 + w)(v(x, y) - v_u); its
 the guided trajectory as a plain conditional network, and later stages distil that student.
 Every state keeps the label it was made with (data: its own; rollouts: a uniform label).
 
-Reflected formulation: --bound bounds x0_hat in every teacher step and every rollout;
---sample-bound (default clip, as published samplers) bounds evaluation samples.
+Reflected formulation: --bound bounds x0_hat in the teacher steps behind every target.
+--sample-bound (default clip, as published samplers) bounds every sampler that stands for a
+policy: the evaluated samples and both rollouts, so DDIL trains on the states the evaluated
+samplers visit (on-policy).
 The student's x0 in the loss is NOT bounded (as PD's original): bounding it would kill or flip
 the gradient outside [-1, 1]. Nothing is lost: x_tilde is a convex combination of the teacher's
 two bounded x0_hats (both weights >= 0 since alpha/sigma falls with t), so it lies in [-1, 1],
@@ -251,12 +253,14 @@ def main(argv=None):
         ck = None
         every = cfg.refresh_every or N
 
+        # rollouts run as the samplers are evaluated: --sample-bound (--bound acts on the targets)
         def teacher_source(n):  # the stage teacher's own 2N-step sampler, at its guidance
-            return rollout_states(teacher, *new_trajectories(n), w=w, N=N, sub=2, bound=cfg.bound)
+            return rollout_states(teacher, *new_trajectories(n), w=w, N=N, sub=2,
+                                  bound=cfg.sample_bound)
 
         def student_source(n):  # the student's own N-step sampler, DAgger-mixed with the teacher
             return rollout_states(student, *new_trajectories(n), w=0.0, N=N, sub=1,
-                                  bound=cfg.bound, expert=teacher, expert_w=w,
+                                  bound=cfg.sample_bound, expert=teacher, expert_w=w,
                                   p=cfg.rollout_teacher_p)
         while step < min((stage + 1) * ips, stop):
             t0 = time.time()

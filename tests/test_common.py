@@ -253,13 +253,24 @@ def test_buffer_stores_detached_and_keeps_dtype_and_conditioning():
     assert buf.y[6:8].tolist() == [-1, -1] and buf.w[6:8].tolist() == [0.0, 0.0]
 
 
-def test_buffer_push_beyond_capacity_keeps_the_newest_and_the_ring_order():
+def test_buffer_push_beyond_capacity_keeps_states_from_every_time_and_the_ring_order():
+    """A refresh larger than the ring (time-major: every trajectory at tau_1, then tau_2, ...)
+    keeps a uniform subset of its states, never one end of the time axis."""
     buf = C.MixingBuffer(4)
     buf.push(torch.arange(3.0)[:, None], torch.zeros(3))            # 0 1 2 _
     buf.push(torch.arange(10.0, 16.0)[:, None], torch.zeros(6))     # more than capacity
-    assert sorted(buf.x[:, 0].tolist()) == [12.0, 13.0, 14.0, 15.0] and len(buf) == 4
-    buf.push(torch.tensor([[99.0]]), torch.zeros(1))                # replaces the oldest, 12
-    assert sorted(buf.x[:, 0].tolist()) == [13.0, 14.0, 15.0, 99.0]
+    kept = buf.x[:, 0].tolist()
+    assert len(buf) == 4 and len(set(kept)) == 4 and set(kept) <= set(range(10, 16))
+    buf.push(torch.tensor([[99.0]]), torch.zeros(1))                # replaces the oldest slot
+    assert 99.0 in buf.x[:, 0].tolist() and len(set(buf.x[:, 0].tolist()) & set(kept)) == 3
+
+    torch.manual_seed(0)
+    K, n = 4, 256  # one refresh of 256 trajectories x 4 times into a ring of 256
+    times = torch.tensor([1.0, 0.75, 0.5, 0.25]).repeat_interleave(n)
+    buf = C.MixingBuffer(n)
+    buf.push(torch.randn(K * n, 1), times)
+    counts = [(buf.t == t).sum().item() for t in (1.0, 0.75, 0.5, 0.25)]
+    assert all(30 < c < 100 for c in counts), counts  # about n / K each; the old code kept 0.25 only
 
 
 def test_buffer_staleness_bound():

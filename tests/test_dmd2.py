@@ -250,3 +250,23 @@ def test_rollout_teacher_p_one_is_the_teachers_trajectory():
     got = D.backward_simulation(G, x1, y, taus, bound="reflect", expert=T,
                                  expert_w=2.0, substeps=2, p=1.0)[0]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_data_states_come_from_images_other_than_the_gans_real_batch(tmp_path, tiny_teacher,
+                                                                    monkeypatch):
+    """DDIL's data source diffuses its own batch, not the GAN's real images (G's outputs from
+    those would be near-copies of the real images D sees beside them)."""
+    seen = {"data": [], "real": []}
+    data_states, fake_update = D.data_states, D.fake_score_update
+    monkeypatch.setattr(D, "data_states", lambda x0, y, taus: (
+        seen["data"].append(x0.clone()), data_states(x0, y, taus))[1])
+    monkeypatch.setattr(D, "fake_score_update", lambda *a: (
+        seen["real"].append(a[6].clone()), fake_update(*a))[1])
+    D.main(["--teacher", tiny_teacher, "--out", str(tmp_path / "r"), "--iters", "2", "--steps", "2",
+            "--batch-size", "8", "--beta-data", "0.5", "--beta-student", "0.5", "--buffer-size", "8",
+            "--refresh", "1", "--fake-updates", "1", "--teacher-substeps", "1",
+            "--eval-samples", "4", "--shift-samples", "4", "--ref-samples", "0",
+            "--reference-steps", "2"])
+    assert len(seen["data"]) == 2 and len(seen["real"]) == 2
+    for x0, real in zip(seen["data"], seen["real"]):
+        assert len(x0) == 4 and not torch.equal(x0, real[:4])
