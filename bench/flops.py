@@ -94,9 +94,10 @@ def main(argv=None):
             variants = {"": []} if script == "teacher" else {
                 "baseline": ["--beta-data", "1", "--beta-teacher", "0", "--beta-student", "0"],
                 "+DDIL": []}
-            if script == "dmd2_ddil":
-                variants = {"baseline (own states)": [], "+DDIL": ["--beta-data", "0.5",
-                                                                   "--beta-student", "0.5"]}
+            if script == "dmd2_ddil":  # the preset is DMD2's one-step G; DDIL needs K >= 2
+                k4 = ["--steps", "4", "--bound", "none"]
+                variants = {"K = 1": [], "K = 4, baseline": k4,
+                            "K = 4, +DDIL": k4 + ["--beta-data", "0.5", "--beta-student", "0.5"]}
             for name, flags in variants.items():
                 cfg = H.parse_config(mod.Config, ["--dataset", dataset, *flags], mod.PRESETS)
                 guided = bool(getattr(cfg, "cond", False)) and (
