@@ -233,9 +233,12 @@ def argv_of(cfg, name, spec):
 
 
 def teacher_missing(cfg, lab):
-    path = (cfg.teacher_cond if lab == "cond" else cfg.teacher) or \
-        os.path.join(ROOT, T.default_teacher_path("digits", lab == "cond"))
-    return not os.path.isfile(path)
+    """The lab's teacher will be trained by its first run (which then goes alone)."""
+    given = cfg.teacher_cond if lab == "cond" else cfg.teacher
+    if given:
+        return not os.path.isfile(given)
+    default = os.path.join(ROOT, T.default_teacher_path("digits", lab == "cond"))
+    return not os.path.isfile(default) and T.shipped_teacher_path("digits", lab == "cond") is None
 
 
 PATHS = ("out", "data_dir", "teacher", "device")  # where a run lives, not what it measured
