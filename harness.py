@@ -340,7 +340,8 @@ def all_gather_cat(x):
 
 def step_seed(seed, rank, step):
     """Seed the global RNG from (seed, rank, step): resuming at any step, on any world size,
-    reproduces an uninterrupted run exactly, with no RNG state to carry in checkpoints."""
+    draws the noise of an uninterrupted run, with no RNG state to carry in checkpoints (the
+    weights match exactly on 1 or 2 ranks; above that, to rounding: DDP's gradient buckets)."""
     torch.manual_seed((seed * 1_000_003 + step) * 4096 + rank)
 
 
