@@ -31,7 +31,7 @@ target; --sample-bound on the evaluated samples and both rollouts, which so run 
 are evaluated); rollouts are pushed in batches every --refresh-every
 iterations (cheaper on CPU than a few trajectories every iteration).
 
-    python lcm_ddil.py         # digits: the shipped teacher, about 4 min on 2 CPU cores
+    python lcm_ddil.py         # digits, the shipped teacher: about 2.5 min on 2 CPU cores
     python lcm_ddil.py --cond  # the guided, class-conditional digits lab
     python lcm_ddil.py --beta-data 1 --beta-teacher 0 --beta-student 0 --bound none  # LCM / CD
     torchrun --nproc_per_node=8 lcm_ddil.py --dataset cifar10
