@@ -254,7 +254,8 @@ def main(argv=None):
         "net": student, "target": target if target is not student else None, "opt": opt,
         "buffers": buffers})
     shape = (teacher.config["in_ch"], teacher.config["resolution"], teacher.config["resolution"])
-    H.check_free_space(cfg.out, [student, target], [student], 2 * cfg.buffer_size, shape, world)
+    nets = [student] if target is student else [student, target]
+    H.check_free_space(cfg.out, nets, [student], 2 * cfg.buffer_size, shape, world)
     net = H.compile_trial(DDP(student) if world > 1 else student, cfg, shape, labels=guided,
                           w=guided)
     if H.is_main():

@@ -225,8 +225,12 @@ def load_teacher(path, dataset, device="cpu", cond=False, edm_repo="", data_dir=
                       f"python teacher.py{' --cond' if cond else ''}; it is then used instead)",
                       flush=True)
         elif not os.path.isfile(path):
+            # under torchrun each rank's own GPU: pass the device type, which init_dist maps
+            device = torch.device(device)
+            dist = torch.distributed
+            distributed = dist.is_initialized() and dist.get_world_size() > 1
             args = ["--dataset", dataset, "--out", os.path.dirname(path), "--data-dir", data_dir,
-                    "--device", device if isinstance(device, str) else str(device)]
+                    "--device", device.type if distributed else str(device)]
             args += ["--cond"] if cond else []
             if dataset not in ("digits", "mnist"):
                 H.fail(f"no teacher at {path}: train one (torchrun --nproc_per_node=8 teacher.py "

@@ -82,3 +82,20 @@ def test_a_teacher_trained_on_demand_gets_the_data_and_device_flags(tmp_path, mo
         teacher.load_teacher("", "mnist", device="cpu", data_dir="/data/m")
     argv = seen[0]
     assert argv[argv.index("--data-dir") + 1] == "/data/m" and argv[argv.index("--device") + 1] == "cpu"
+
+
+def test_under_torchrun_a_teacher_trained_on_demand_gets_each_ranks_gpu(tmp_path, monkeypatch):
+    """Passing rank 1's resolved cuda:1 would put every rank of the teacher's run on one GPU:
+    the device type goes through, and init_dist gives each rank its own."""
+    import torch
+
+    import teacher
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    seen = []
+    monkeypatch.setattr(teacher, "main", lambda argv: (seen.append(argv), H.fail("stop"))[1])
+    with pytest.raises(SystemExit):
+        teacher.load_teacher("", "mnist", device=torch.device("cuda:1"))
+    assert seen[0][seen[0].index("--device") + 1] == "cuda"
