@@ -33,6 +33,12 @@ def logsnr(t):
     return (-2.0 * torch.log(torch.tan(_A * t + _B))).float()
 
 
+def t_of_logsnr(lam):
+    """The inverse of logsnr: t = (atan(exp(-lam / 2)) - b) / a (float64 tensor)."""
+    lam = torch.as_tensor(lam, dtype=torch.float64)
+    return (torch.atan(torch.exp(-0.5 * lam)) - _B) / _A
+
+
 def alpha_sigma(t):
     """alpha^2 = sigmoid(logsnr), sigma^2 = sigmoid(-logsnr); float tensors shaped like t."""
     lam = logsnr(t).double()

@@ -182,7 +182,7 @@ class DiffusersTeacher(nn.Module):
     def t_range(self):
         """(t_min, t_max): our times whose logSNR lies inside the teacher's range."""
         lo, hi = self.logsnr_range
-        return _t_of_logsnr(hi), _t_of_logsnr(lo)
+        return float(C.t_of_logsnr(hi)), float(C.t_of_logsnr(lo))
 
     def timestep(self, t):
         """Our t [B] -> the teacher's fractional timestep k [B] (float64), clamped to [0, N-1]."""
@@ -245,11 +245,6 @@ class DiffusersTeacher(nn.Module):
         if return_features:
             return v, _features(self._hook, "DiffusersTeacher")
         return v
-
-
-def _t_of_logsnr(lam):
-    """Inverse of common.logsnr: t = (atan(exp(-lam / 2)) - b) / a."""
-    return (math.atan(math.exp(-0.5 * lam)) - C._B) / C._A
 
 
 def _plain_config(cfg):
@@ -819,9 +814,13 @@ def _load_edm_pkl(where, edm_repo):
     net = cls(*info["init_args"], **info["init_kwargs"])
     H.load_weights(net, info["state_dict"], what=where)
     label_dim = int(getattr(net, "label_dim", 0) or 0)
+    # DMD2's GAN head reads the encoder's output (DhariwalUNet / SongUNet: the last `enc` block)
+    enc = getattr(net.model, "enc", None)
+    last = list(enc.values())[-1] if isinstance(enc, nn.ModuleDict) and len(enc) else None
     return EDMTeacher(net.model, num_classes=label_dim, in_ch=int(net.img_channels),
                       resolution=int(net.img_resolution), sigma_data=float(net.sigma_data),
-                      c_noise="edm", one_hot_labels=True,
+                      c_noise="edm", one_hot_labels=True, feature_module=last,
+                      mid_ch=getattr(last, "out_channels", None),
                       config_extra=dict(backbone="edm-pkl", source=os.path.abspath(where)))
 
 

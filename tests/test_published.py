@@ -4,6 +4,7 @@ Tests that build a real diffusers UNet2DModel skip without diffusers (CI install
 only); the Gaussian-oracle, EDM, key-map-free and pickle tests need torch alone.
 """
 import collections
+import json
 import pickle
 import sys
 import types
@@ -575,12 +576,16 @@ def test_edm_pkl_with_user_checkout(tmp_path):
     (repo / "training" / "__init__.py").write_text("")
     (repo / "training" / "networks.py").write_text(
         "import torch.nn as nn\n"
+        "class Block(nn.Conv2d):\n"  # EDM's UNetBlock keeps its out_channels, as a conv does
+        "    pass\n"
         "class Model(nn.Module):\n"
         "    def __init__(self):\n"
         "        super().__init__()\n"
         "        self.conv = nn.Conv2d(1, 1, 3, padding=1)\n"
+        "        self.enc = nn.ModuleDict({'in': Block(1, 4, 3, padding=1), 'down': Block(4, 8, 3, stride=2, padding=1)})\n"
         "    def forward(self, x, noise_labels, class_labels, augment_labels=None):\n"
-        "        return self.conv(x) + noise_labels[:, None, None, None]\n"
+        "        h = self.enc['down'](self.enc['in'](x))\n"
+        "        return self.conv(x) + noise_labels[:, None, None, None] + 0.1 * h.mean()\n"
         "class EDMPrecond(nn.Module):\n"
         "    def __init__(self, img_resolution, img_channels, label_dim=0, sigma_data=0.5):\n"
         "        super().__init__()\n"
@@ -620,6 +625,16 @@ def test_edm_pkl_with_user_checkout(tmp_path):
                                 "--stage-eval-samples", "8", "--shift-samples", "4", "--ref-samples", "0",
                                 "--reference-steps", "4", "--eval-every", "0"])
         assert isinstance(student, P.EDMTeacher) and (tmp_path / "pd8" / "metrics.json").is_file()
+        # DMD2's GAN head on the encoder's output (its last `enc` block), as DMD2 reads the EDM net
+        assert teacher.mid_ch == 8
+        assert teacher(torch.randn(2, 1, 4, 4), torch.rand(2), return_features=True)[1].shape == (2, 8, 2, 2)
+        import dmd2_ddil
+        G = dmd2_ddil.main(["--teacher", f"edm-pkl:{tmp_path / 'edm8.pkl'}", "--edm-repo", str(repo),
+                            "--out", str(tmp_path / "dmd2"), "--steps", "1", "--iters", "2", "--batch-size", "4",
+                            "--fake-updates", "1", "--eval-samples", "12", "--shift-samples", "4",
+                            "--ref-samples", "0", "--reference-steps", "4"])
+        assert json.loads((tmp_path / "dmd2" / "log.jsonl").read_text().splitlines()[-1])["loss_d"] > 0
+        assert not torch.equal(G.net.enc["down"].weight, net8.model.enc["down"].weight)
         assert not torch.equal(student.net.conv.weight, net8.model.conv.weight)  # it trained
         assert not sentinel.exists()
     finally:
