@@ -254,9 +254,10 @@ def flags_of(argv):
     return flags
 
 
-def stale_runs(cfg, runs):
+def stale_runs(cfg, runs, argv_of=argv_of):
     """The runs in --runs-dir whose config.json was written under other flags (another budget, an
-    older grid): "name: key was, now" lines. Run names encode only the grid's flags, not the budget."""
+    older grid): "name: key was, now" lines. Run names encode only the grid's flags, not the budget.
+    argv_of(cfg, name, spec): each run's command (bench/shift_gap.py adds flags to it)."""
     stale = []
     for name, spec in runs.items():
         path = os.path.join(cfg.runs_dir, name, "config.json")
@@ -274,8 +275,9 @@ def stale_runs(cfg, runs):
     return stale
 
 
-def execute(cfg, runs):
-    """Run what is missing, one line per run. Returns the names of the runs that failed."""
+def execute(cfg, runs, argv_of=argv_of):
+    """Run what is missing, one line per run (argv_of as in stale_runs). Returns the names of the
+    runs that failed."""
     todo = [(n, s) for n, s in runs.items()
             if not os.path.isfile(os.path.join(cfg.runs_dir, n, "metrics.json"))]
     print(f"{len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run "

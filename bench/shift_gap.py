@@ -1,0 +1,333 @@
+"""The covariate-shift gap: how much of a student's error on its own states can training on those
+states buy? (DAgger's premise, measured rather than assumed.)
+
+For each lab, method, K and seed, three students trained alike but for their input states:
+    data-only  (1, 0, 0)     forward-diffused data: PD's and LCM's baseline
+    +DDIL      (0.5, 0, 0.5)
+    own-only   (0, 0, 1)     the student's own rollouts: DMD2's baseline
+are measured on two fixed state sets at each sampling time tau_i < 1, the same for the three:
+    data   x = alpha x0 + sigma eps (real images, their labels)
+    own    the states the baseline student's own sampler visits from x1 = eps (balanced labels)
+The error of a student at a state x is the distance between its sample from x (the rest of its
+K-step sampler at its evaluated bound and guidance; one re-noising noise for every student) and
+the teacher's 64-step DDIM sample from x down to 0 (at the lab's guidance), in pixels (mean
+square) and in the digits classifier's features (mean square per dimension): one error for the
+three methods, against the teacher's sample rather than a method's own training target.
+
+    gap        = err(data-only, own) - err(own-only, own)   the most own-state training can buy
+    DDIL gain  = err(data-only, own) - err(+DDIL, own)      what DDIL's mixture buys
+    excess     = err(data-only, own) - err(data-only, data) the old ratio's numerator less its
+                                                            denominator: own states may simply be
+                                                            harder, which training cannot remove
+each paired by seed with a 95% interval (bench/results.paired_ci). state_fd is the Frechet
+distance between the two state sets (pixels), beside its floor: two independent diffused-data
+sets of the same size at the same t. At t = 1 both sets are the same noise: not reported.
+
+    python bench/shift_gap.py --lab uncond --only pd,lcm         # runs what is missing, then writes
+    python bench/shift_gap.py --no-run                           # aggregate what is there
+    python bench/shift_gap.py --regime k8 --ks 8 --seeds 0 1    # a regime of the search (REGIMES)
+
+The runs are bench/results.py's (same names, budget and --runs-dir, default bench/out/full): the
+data-only / +DDIL (PD, LCM) and own-only / +DDIL (DMD2) runs are its baseline and +DDIL cells, so
+one benchmark feeds the other. A regime adds its flags to every run and its name to the run names.
+Outputs: bench/results/shift_gap[-<regime>].json and .md; per seed-cell measurements are cached
+in <runs-dir>/shift_gap/ (recomputed when a student's weights change).
+"""
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+import evaluate as E  # noqa: E402
+import harness as H  # noqa: E402
+import results as R  # noqa: E402
+import teacher as T  # noqa: E402
+
+ARMS = {"data-only": (1.0, 0.0, 0.0), "+DDIL": (0.5, 0.0, 0.5), "own-only": (0.0, 0.0, 1.0)}
+BASELINE_ARM = {"pd": "data-only", "lcm": "data-only", "dmd2": "own-only"}
+LABEL_STEPS = 64  # the teacher's DDIM that labels every state
+# the regime search: extra flags for every run (on top of the budget's), and the run-name suffix
+REGIMES = {"base": [],
+           "k8": [],  # K = 8 (give --ks 8): more of the trajectory is the student's own
+           "short": {"pd": ["--iters-per-stage", "25"], "lcm": ["--iters", "125"],
+                     "dmd2": ["--iters", "300"]}}
+
+
+@dataclass
+class Config:
+    budget: str = H.flag("full", "bench/results.py's budget of every run (smoke: the tests' check "
+                         "of the plumbing).", choices=("full", "smoke"))
+    seeds: list = H.flag([0, 1, 2, 3, 4], "The seeds, distinct; the arms are paired by seed.")
+    only: str = H.flag("pd,lcm,dmd2", "A comma-separated subset of the methods.")
+    lab: str = H.flag("uncond,cond", "A comma-separated subset of the labs.")
+    ks: list = H.flag([2, 4], "The students' K.")
+    regime: str = H.flag("base", "A regime of the search: extra flags for every run (REGIMES).",
+                         choices=tuple(REGIMES))
+    n: int = H.flag(512, "States per set and sampling time.")
+    out: str = H.flag("bench/results", "Where shift_gap[-<regime>].json and .md go.")
+    runs_dir: str = H.flag("", "The runs' folder; default bench/out/<budget>, bench/results.py's.")
+    jobs: int = H.flag(1, "Runs at once (more than 1 shares the CPU).")
+    teacher: str = H.flag("", "The uncond lab's teacher; default the scripts' own.")
+    teacher_cond: str = H.flag("", "The cond lab's teacher; default the scripts' own.")
+    data_dir: str = H.flag("data", "The data folder.")
+    device: str = H.flag("", "The device of the runs and the measurement; default cpu here.")
+    run: bool = H.flag(True, "Run the missing runs; --no-run only measures and aggregates.")
+
+
+def plan(cfg):
+    """{(lab, method, K, seed): {arm: run name}}, and {run name: (spec, extra flags)} in
+    execution order (seed-major, as bench/results.py)."""
+    methods, labs = R.subset(cfg.only, R.SCRIPTS, "--only"), R.subset(cfg.lab, R.LABS, "--lab")
+    if (not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or not cfg.ks
+            or any(k < 2 or LABEL_STEPS % k for k in cfg.ks)):
+        H.fail(f"--seeds {cfg.seeds} --ks {cfg.ks}: give distinct seeds and each K >= 2 dividing "
+               f"{LABEL_STEPS} (at K = 1 there is no own state but noise)")
+    if cfg.n < 16 or cfg.jobs <= 0:
+        H.fail(f"--n must be at least 16 and --jobs positive, got {cfg.n}, {cfg.jobs}")
+    extra = REGIMES[cfg.regime]
+    suffix = "" if cfg.regime == "base" else f"-{cfg.regime}"
+    cells, runs = {}, {}
+    for seed in cfg.seeds:
+        for lab in labs:
+            for method in methods:
+                for k in cfg.ks:
+                    arms = {}
+                    for arm, betas in ARMS.items():
+                        spec = (lab, method, k, betas, "none", 0.0, seed)
+                        name = R.run_name(*spec) + suffix
+                        arms[arm] = name
+                        runs[name] = (spec, extra.get(method, []) if isinstance(extra, dict) else extra)
+                    cells[(lab, method, k, seed)] = arms
+    return cells, runs
+
+
+def argv_fn(cfg, runs):
+    def argv_of(_, name, spec):  # bench/results.py's argv, with the regime's flags
+        return R.argv_of(cfg, name, spec) + runs[name][1]
+    return argv_of
+
+
+# ----------------------------------------------------------------------------------------------
+# the measurement
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_from(net, x, i, K, y, w, bound, noises=None):
+    """A K-step sampler's sample from states x at its i-th sampling time tau_i = 1 - i / K: the
+    rest of its grid (noises[i:]: the re-noising steps of a renoise sampler)."""
+    return C.ddim_sample(C.guided(net, y, w), x, C.time_grid(K)[i:], bound=bound,
+                         noises=None if noises is None else noises[i:])
+
+
+@torch.no_grad()
+def state_sets(net, kind, K, n, seed, w, bound, data_dir="data", device="cpu"):
+    """The two fixed state sets at tau_1..tau_K: forward-diffused data (its labels) and the
+    network's own sampler's states from x1 = the same eps (balanced labels), with the re-noising
+    noises every student then shares, and a second diffused-data set for state_fd's floor.
+    Returns {"data": {i: (x, y)}, "own": {i: (x, y)}, "floor": {i: x}}, noises."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    x, labels = H.load_dataset("digits", data_dir)
+    nc = C.unwrap(net).num_classes
+    idx, idx2 = (torch.randint(0, len(x), (n,), generator=g) for _ in range(2))
+    x0, x0b = H.to_float(x[idx]).to(device), H.to_float(x[idx2]).to(device)
+    eps, eps_b = (torch.randn(x0.shape, generator=g).to(device) for _ in range(2))
+    noises = [torch.randn(x0.shape, generator=g).to(device) for _ in range(K)]
+    y_data = labels[idx].to(device) if nc else None
+    y_own = E.eval_labels(n, nc).to(device) if nc else None
+    ts = C.time_grid(K)
+    _, own = C.ddim_sample(C.guided(net, y_own, w), eps, ts, bound=bound,
+                           noises=noises if kind == "renoise" else None, return_states=True)
+    sets = {"data": {}, "own": {}, "floor": {}}
+    for i in range(K):
+        t = torch.full((n,), float(ts[i]), device=device)
+        sets["data"][i] = (C.diffuse(x0, t, eps), y_data)
+        sets["own"][i] = (own[i], y_own)
+        sets["floor"][i] = C.diffuse(x0b, t, eps_b)
+    return sets, noises
+
+
+@torch.no_grad()
+def errors(student, kind, K, i, x, y, w, label, bound, noises, features):
+    """Per-sample (pixel, feature) error of a student's sample from states x at tau_i against the
+    teacher's label samples (and their features)."""
+    s = sample_from(student, x, i, K, y, w, bound, noises if kind == "renoise" else None)
+    px = (s - label[0]).square().flatten(1).mean(1)
+    feat = (features(s) - label[1]).square().mean(1)
+    return px.double(), feat.double()
+
+
+def measure(cfg, cell, arms, device):
+    """One seed-cell: every arm's mean errors on both sets at each tau_i < 1, and state_fd with its
+    floor. Cached under <runs-dir>/shift_gap/ by the students' weights."""
+    lab, method, K, seed = cell
+    nets = {arm: T.load_net(os.path.join(cfg.runs_dir, name, "ckpt.pt"), device)
+            for arm, name in arms.items()}
+    digests = {arm: E.weights_digest(n[0]) for arm, n in nets.items()}
+    path = os.path.join(cfg.runs_dir, "shift_gap", f"{arms['data-only']}-n{cfg.n}.json")
+    if os.path.isfile(path):
+        cached = R.read_json(path)
+        if cached.get("digests") == digests:
+            return cached
+    teacher_path = cfg.teacher_cond if lab == "cond" else cfg.teacher
+    teacher = T.load_teacher(teacher_path, "digits", device, cond=lab == "cond",
+                             data_dir=cfg.data_dir)
+    ws = {arm: E.checkpoint_w(net, ck) for arm, (net, _, ck) in nets.items()}
+    w_teacher = ws[BASELINE_ARM[method]][0]
+    bound = nets[BASELINE_ARM[method]][2]["config"]["sample_bound"]
+    base, kind, _ = nets[BASELINE_ARM[method]]
+    sets, noises = state_sets(base, kind, K, cfg.n, seed, ws[BASELINE_ARM[method]][1], bound,
+                              cfg.data_dir, device)
+    extract = E.digits_extractor(data_dir=cfg.data_dir)
+
+    def features(x):
+        return extract(E.to_uint8(x))[0]
+
+    res = {"cell": list(cell), "digests": digests, "n": cfg.n, "t": [], "w_teacher": w_teacher,
+           "err": {arm: {s: {"px": [], "feat": []} for s in ("data", "own")} for arm in arms},
+           "state_fd": [], "state_fd_floor": []}
+    for i in range(1, K):  # tau_1 = 1: both sets are the same noise
+        res["t"].append(float(C.time_grid(K)[i]))
+        for s in ("data", "own"):
+            x, y = sets[s][i]
+            lab_x = sample_from(teacher, x, i * LABEL_STEPS // K, LABEL_STEPS, y, w_teacher, bound)
+            label = (lab_x, features(lab_x))
+            for arm, (net, kind_a, _) in nets.items():
+                px, feat = errors(net, kind_a, K, i, x, y, ws[arm][1], label, bound, noises,
+                                  features)
+                res["err"][arm][s]["px"].append(float(px.mean()))
+                res["err"][arm][s]["feat"].append(float(feat.mean()))
+        a, b, f = (v.flatten(1).double() for v in (sets["data"][i][0], sets["own"][i][0],
+                                                    sets["floor"][i]))
+        res["state_fd"].append(E.frechet_distance(a, b))
+        res["state_fd_floor"].append(E.frechet_distance(a, f))
+    m = R.read_json(os.path.join(cfg.runs_dir, arms[BASELINE_ARM[method]], "metrics.json"))
+    res["old_ratio"] = (m.get("covariate_shift") or {}).get("ratio")
+    H.write_json(res, path)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# aggregation and outputs
+# ----------------------------------------------------------------------------------------------
+
+def aggregate(cells, measured):
+    """Rows per (lab, method, K, t): each arm's errors on each set (mean over seeds), the gap,
+    DDIL's gain and the excess with paired 95% intervals, per metric (px, feat)."""
+    rows = []
+    groups = {}
+    for (lab, method, K, seed) in cells:
+        if (lab, method, K, seed) in measured:
+            groups.setdefault((lab, method, K), []).append(measured[(lab, method, K, seed)])
+    for (lab, method, K), ms in groups.items():
+        for j, t in enumerate(ms[0]["t"]):
+            row = {"lab": lab, "method": method, "K": K, "t": t, "seeds": len(ms),
+                   "state_fd": R.spread([m["state_fd"][j] for m in ms]),
+                   "state_fd_floor": R.spread([m["state_fd_floor"][j] for m in ms]),
+                   "old_ratio": R.spread([(m["old_ratio"] or [None] * K)[j + 1] for m in ms])}
+            for metric in ("px", "feat"):
+                e = {(arm, s): [m["err"][arm][s][metric][j] for m in ms]
+                     for arm in ARMS for s in ("data", "own")}
+                row[metric] = {
+                    "err": {f"{arm} on {s}": R.spread(v) for (arm, s), v in e.items()},
+                    "gap": R.paired_ci(e["data-only", "own"], e["own-only", "own"]),
+                    "ddil_gain": R.paired_ci(e["data-only", "own"], e["+DDIL", "own"]),
+                    "excess": R.paired_ci(e["data-only", "own"], e["data-only", "data"])}
+            rows.append(row)
+    return rows
+
+
+def ci_md(c, scale):
+    if not c:
+        return "–"
+    if c["lo"] is None:
+        return f"{c['mean'] * scale:+.3g}"
+    mark = "**" if c["lo"] > 0 or c["hi"] < 0 else ""
+    return f"{mark}{c['mean'] * scale:+.3g} [{c['lo'] * scale:+.3g}, {c['hi'] * scale:+.3g}]{mark}"
+
+
+def table_md(res):
+    lines = [f"# The covariate-shift gap ({res['regime']} regime, {res['budget']} budget)", "",
+             f"`{res['command']}` ({res['date']}; {res['measured']} of {res['cells']} seed-cells "
+             f"measured; {res['n']} states per set and time).", "",
+             "Error: the student's sample from a state vs the teacher's 64-step DDIM sample from it. "
+             "gap = data-only − own-only on own states (what own-state training can buy); "
+             "gain = data-only − +DDIL there; excess = data-only's own − data error. Paired by seed, "
+             "mean [95% CI]; bold: the interval excludes 0.", ""]
+    for metric, scale, unit in (("px", 1e3, "pixel MSE x 1e3"), ("feat", 1e3, "feature MSE x 1e3")):
+        lines += [f"## {unit}", "",
+                  "| lab | method | K | t | seeds | data-only on own | own-only on own | +DDIL on own "
+                  "| data-only on data | gap | DDIL gain | excess |"
+                  + (" state FD / floor | old ratio |" if metric == "px" else ""),
+                  "|" + "---|" * (14 if metric == "px" else 12)]
+        for r in res["rows"]:
+            e = r[metric]["err"]
+
+            def m(key):
+                return f"{e[key]['mean'] * scale:.3g}" if e[key] else "–"
+            cols = [r["lab"], r["method"], str(r["K"]), f"{r['t']:.2f}", str(r["seeds"]),
+                    m("data-only on own"), m("own-only on own"), m("+DDIL on own"),
+                    m("data-only on data"), ci_md(r[metric]["gap"], scale),
+                    ci_md(r[metric]["ddil_gain"], scale), ci_md(r[metric]["excess"], scale)]
+            if metric == "px":
+                fd, fl, ratio = r["state_fd"], r["state_fd_floor"], r["old_ratio"]
+                cols += [f"{fd['mean']:.3g} / {fl['mean']:.3g}" if fd and fl else "–",
+                         f"{ratio['mean']:.2f}" if ratio else "–"]
+            lines.append("| " + " | ".join(cols) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    t0 = time.time()
+    cfg = H.parse_config(Config, argv)
+    command = "python bench/shift_gap.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    print(f"command: {command}", flush=True)
+    cells, runs = plan(cfg)
+    cfg.runs_dir = os.path.abspath(cfg.runs_dir or os.path.join(ROOT, "bench", "out", cfg.budget))
+    cfg.out, cfg.data_dir = os.path.abspath(cfg.out), os.path.abspath(cfg.data_dir)
+    for flag in ("teacher", "teacher_cond"):
+        path = getattr(cfg, flag)
+        if path and not os.path.isfile(path):
+            H.fail(f"--{flag.replace('_', '-')} {path} does not exist")
+        setattr(cfg, flag, os.path.abspath(path) if path else "")
+    argv_of = argv_fn(cfg, runs)
+    specs = {name: spec for name, (spec, _) in runs.items()}
+    stale = R.stale_runs(cfg, specs, argv_of)
+    if stale:
+        H.fail(f"{len(stale)} runs in {cfg.runs_dir} were made with other flags ({stale[0]}"
+               f"{', ...' if len(stale) > 1 else ''}): move them away or give another --runs-dir")
+    failed = R.execute(cfg, specs, argv_of) if cfg.run else []
+    device = cfg.device or "cpu"
+    measured = {}
+    for cell, arms in cells.items():
+        if all(os.path.isfile(os.path.join(cfg.runs_dir, n, "metrics.json")) for n in arms.values()):
+            measured[cell] = measure(cfg, cell, arms, device)
+            print(f"measured {cell}", flush=True)
+    res = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "budget": cfg.budget, "regime": cfg.regime, "regime_flags": REGIMES[cfg.regime],
+           "n": cfg.n, "seeds": cfg.seeds, "cells": len(cells), "measured": len(measured),
+           "rows": aggregate(cells, measured), "failed": failed,
+           "per_seed": [measured[c] for c in sorted(measured)]}
+    res["wall_s"] = time.time() - t0
+    name = "shift_gap" + ("" if cfg.regime == "base" else f"-{cfg.regime}")
+    os.makedirs(cfg.out, exist_ok=True)
+    H.write_json(res, os.path.join(cfg.out, name + ".json"))
+    with open(os.path.join(cfg.out, name + ".md"), "w") as fh:
+        fh.write(table_md(res) + "\n")
+    print(f"wrote {name}.json and {name}.md in {cfg.out}", flush=True)
+    if failed:
+        H.fail(f"{len(failed)} runs failed ({', '.join(failed)}): see their stdout.log; rerun")
+    return res
+
+
+if __name__ == "__main__":
+    main()
