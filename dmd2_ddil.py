@@ -8,7 +8,7 @@ K-step sampling re-noises in between, x_{tau_{i+1}} = alpha x0 + sigma z (common
 "renoise").
 
 Distribution matching (DMD) on G's sample x, per sample:
-    t ~ U[0.02, 0.98],  x_t = alpha_t x + sigma_t eps
+    t = t(sigma_k), k ~ U{20..980} on EDM's 1000-level Karras grid,  x_t = alpha_t x + sigma_t eps
     p_real = x - x0_real(x_t),  p_fake = x - x0_fake(x_t)      (x0 of mu_real, mu_fake)
     grad   = (p_real - p_fake) / mean_CHW |p_real|
     L_DM   = 0.5 ||x - sg(x - grad)||^2            (so dL/dx = grad: the KL gradient, normalised)
@@ -16,11 +16,12 @@ Guidance (class-conditional teachers, as DMD2's text-to-image runs): the real sc
 teacher classifier-free guided at --guidance w, x0_real from v_u + (1 + w)(v(x_t, y) - v_u); G
 and mu_fake are plain conditional networks at the sample's label y.
 Fake score: the teacher's v loss on sg(x) at t ~ U[0, 1].
-GAN: a small head D on mu_fake's bottleneck features, noised data vs noised G samples,
-non-saturating:
+GAN: a small head D on mu_fake's bottleneck features, noised data vs noised G samples (each image
+at its own level k ~ U{0..999}), non-saturating:
     L_G += gan_weight * softplus(-D(x_t))
     L_D  = disc_weight * (softplus(-D(real_t)) + softplus(D(x_t)))
-Two time scales: mu_fake and D step every iteration, G every --fake-updates iterations.
+Two time scales: mu_fake and D step every iteration, G every --fake-updates iterations. AdamW
+(weight decay 0.01) with a 72-iteration warm-up for both, as DMD2.
 
 G's inputs, the DDIL part. DMD2 trains a multi-step G on its own "backward simulation": noise ->
 G -> re-noise -> G ... stopped at a grid time tau_i, without grad. DDIL replaces that input
@@ -38,9 +39,12 @@ Choices and deviations (DMD2 code: tianweiy/DMD2):
   clip, as published samplers) on the evaluated samples and on both rollouts, which so run as
   the samplers are evaluated (G's backward simulation is its evaluated K-step sampler).
 - The 1/2 ||.||^2 is a mean over elements as in DMD2's code, so the published GAN weights apply.
-- The GAN noise level is drawn like the DM one, t ~ U[0.02, 0.98]; the real images are the step's
-  data batch. DDIL's data source diffuses the images of an independent batch (were they the
-  same, G's outputs from them would be near-copies of the real images beside them in D's loss).
+- Noise levels as DMD2 draws them (karras_t): EDM's sigma is our sigma / alpha, so a level of its
+  Karras grid is a logsnr and so a t here. mu_fake keeps the teacher's own loss (v at
+  t ~ U[0, 1]) rather than EDM's: it should differ from the real score only where G's samples
+  differ from the data. The GAN's real images are the step's data batch. DDIL's data source
+  diffuses the images of an independent batch (were they the same, G's outputs from them would
+  be near-copies of the real images beside them in D's loss).
 - Backward-simulation states go through a replay buffer like DDIL's other rollouts, so baseline
   and DDIL differ only in the betas and the bound. DMD2 simulates fresh from the current G; here
   the buffer of G's own states holds (refresh / refresh_every) x K x fake_updates x
@@ -53,6 +57,13 @@ Choices and deviations (DMD2 code: tianweiy/DMD2):
   G's sample and the teacher's DDIM sample from the same x_t (teacher_substeps steps per student
   step down to 0): G is trained to sample, so the teacher's *sample* from that state, not its
   one-step x0 mean, is the label it should imitate.
+- --fake-states own (default all, DMD2's): with DDIL's data states in G's batch, mu_fake and D
+  learn only G's outputs from its own states (topped up from their buffer): the distribution the
+  DM gradient must correct is G's sampling distribution, not a mixture half made of near-copies
+  of data. Not yet measured against all.
+- --ema-decay (default 0, as DMD2) evaluates and saves an EMA of G; the backward simulation
+  still runs G itself (DMD2's definition: G's inputs are its own samples).
+- The full list against DMD2's code and paper: docs/deviations.md.
 - Defaults: betas (0, 0, 1) + --bound reflect on G's output. Against DMD2 as published
   (--bound none), with the clipping sampler, it helped a one-step G and did not help a
   multi-step G (measured before rollouts ran the sampling bound: bench/results/README.md). So
@@ -87,9 +98,19 @@ class Config(H.DistillConfig):
     fake_updates: int = H.flag(5, "mu_fake (and D) steps per G step (the two time-scale rule).")
     gan_weight: float = H.flag(3e-3, "Weight of G's GAN loss (0 turns the GAN off).")
     disc_weight: float = H.flag(1e-2, "Weight of the discriminator's loss in mu_fake's update.")
-    t_min: float = H.flag(0.02, "Lowest noise level t of the DM and GAN losses, "
-                          "t ~ U[t-min, t-max].")
-    t_max: float = H.flag(0.98, "Highest noise level t of the DM and GAN losses.")
+    dm_min_step: int = H.flag(20, "Lowest index of EDM's 1000-level Karras grid that the DM "
+                              "loss draws its noise level from (DMD2: 2%).")
+    dm_max_step: int = H.flag(980, "Highest index of that grid for the DM loss (DMD2: 98%).")
+    weight_decay: float = H.flag(0.01, "AdamW's decoupled weight decay of G, mu_fake and D.")
+    fake_states: str = H.flag("all", "Whose outputs mu_fake (and D) learn from: all of G's "
+                              "outputs in the batch (DMD2: its inputs are all its own states), or "
+                              "own: only G's outputs from its own states, topped up from their "
+                              "buffer, so that with DDIL's data states mu_fake still tracks G's "
+                              "sampling distribution, the one the DM gradient must correct.",
+                              choices=("all", "own"))
+    ema_decay: float = H.flag(0.0, "EMA decay of an averaged copy of G, updated at every G step, "
+                              "that is evaluated and saved as the sampling network (0: none; "
+                              "DMD2 evaluates G itself).")
     teacher_substeps: int = H.flag(8, "Teacher DDIM steps per student step, in the teacher's "
                                    "rollouts and the diagnostic's labels.")
     sim_staleness: int = H.flag(1, "G's own states in the buffer are at most this many G updates "
@@ -128,6 +149,22 @@ def coefs(t, x):
     return (C.bcast(c, x) for c in C.alpha_sigma(t))
 
 
+KARRAS = dict(n=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0)  # EDM's sampling grid
+WARMUP_ITERS = 72  # DMD2: 500 scheduler steps, which its 7 processes share
+
+
+def karras_t(n, k_min=0, k_max=999, device="cpu"):
+    """Noise levels as DMD2 draws them: an index k ~ U{k_min..k_max} of EDM's 1000-level Karras
+    grid, sigma_k = (s_min^(1/rho) + k / 999 (s_max^(1/rho) - s_min^(1/rho)))^rho over
+    [0.002, 80], as our time t. EDM's sigma is the noise-to-signal ratio sigma / alpha of our
+    schedule, so logsnr = -2 log sigma_k. Uniform in k puts most levels at high noise (the DM
+    loss's median is t = 0.76)."""
+    k = torch.randint(k_min, k_max + 1, (n,), device=device).double()
+    lo, hi = (KARRAS[s] ** (1 / KARRAS["rho"]) for s in ("sigma_min", "sigma_max"))
+    sigma = (lo + k / (KARRAS["n"] - 1) * (hi - lo)) ** KARRAS["rho"]
+    return C.t_of_logsnr(-2 * sigma.log()).float()
+
+
 def x0_of(denoise, x, t):
     """x0_hat = alpha x - sigma v of a v-denoiser(x, t) (fp32)."""
     alpha, sigma = coefs(t, x)
@@ -141,10 +178,10 @@ def dm_grad(x, x0_real, x0_fake):
     return torch.nan_to_num((p_real - p_fake) / p_real.abs().mean(dim=(1, 2, 3), keepdim=True))
 
 
-def dm_loss(x, real, fake, t_min, t_max):
-    """0.5 ||x - sg(x - grad)||^2 at x_t = alpha x + sigma eps, t ~ U[t_min, t_max]; real / fake
-    are v-denoisers(x, t). Returns (loss, grad)."""
-    t = t_min + (t_max - t_min) * torch.rand(x.shape[0], device=x.device)
+def dm_loss(x, real, fake, k_min, k_max):
+    """0.5 ||x - sg(x - grad)||^2 at x_t = alpha x + sigma eps, t = karras_t(k_min, k_max);
+    real / fake are v-denoisers(x, t). Returns (loss, grad)."""
+    t = karras_t(x.shape[0], k_min, k_max, x.device)
     x_t = C.diffuse(x.detach(), t)
     with torch.no_grad():
         grad = dm_grad(x.detach(), x0_of(real, x_t, t), x0_of(fake, x_t, t))
@@ -166,9 +203,10 @@ def gan_d_loss(logits_real, logits_fake):
     return F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
 
 
-def fake_score_loss(fake, head, x, real, y, y_real, gan, t_min, t_max):
-    """mu_fake's v loss on sg(x) at t ~ U[0, 1], plus D's loss on noised data vs noised x. One
-    forward pass over [x_t, real_t, fake_t] (DDP wants one). Returns (loss_v, loss_d or None)."""
+def fake_score_loss(fake, head, x, real, y, y_real, gan):
+    """mu_fake's v loss on sg(x) at t ~ U[0, 1] (the teacher's own loss), plus D's loss on noised
+    data vs noised x, each image at its own level on the whole Karras grid. One forward pass over
+    [x_t, real_t, fake_t] (DDP wants one). Returns (loss_v, loss_d or None)."""
     x, B = x.detach(), x.shape[0]
     t = torch.rand(B, device=x.device)
     alpha, sigma = coefs(t, x)
@@ -176,10 +214,10 @@ def fake_score_loss(fake, head, x, real, y, y_real, gan, t_min, t_max):
     x_t, v = alpha * x + sigma * eps, C.v_from_x0_eps(x, eps, alpha, sigma)
     if not gan:
         return F.mse_loss(fake(x_t, t, y).float(), v), None
-    tg = t_min + (t_max - t_min) * torch.rand(B, device=x.device)
-    inp = torch.cat([x_t, C.diffuse(real, tg), C.diffuse(x, tg)])
+    t_real, t_fake = karras_t(B, device=x.device), karras_t(B, device=x.device)
+    inp = torch.cat([x_t, C.diffuse(real, t_real), C.diffuse(x, t_fake)])
     ys = None if y is None else torch.cat([y, y_real, y])
-    v_pred, feats = fake(inp, torch.cat([t, tg, tg]), ys, return_features=True)
+    v_pred, feats = fake(inp, torch.cat([t, t_real, t_fake]), ys, return_features=True)
     logits_real, logits_fake = head(feats[B:]).float().squeeze(1).chunk(2)
     return F.mse_loss(v_pred[:B].float(), v), gan_d_loss(logits_real, logits_fake)
 
@@ -248,10 +286,10 @@ def generator_update(G, fake, head, T, opt, x, y, cfg):
     fake.requires_grad_(False), head.requires_grad_(False)
     with H.autocast(x.device, cfg.bf16):
         loss_dm, _ = dm_loss(x, C.guided(T, y, cfg.guidance), lambda x, t: fake(x, t, y),
-                             cfg.t_min, cfg.t_max)
+                             cfg.dm_min_step, cfg.dm_max_step)
         loss, rec = loss_dm, {"loss_dm": loss_dm.item()}
         if cfg.gan_weight > 0:
-            tg = cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(x.shape[0], device=x.device)
+            tg = karras_t(x.shape[0], device=x.device)
             feats = fake(C.diffuse(x, tg), tg, y, return_features=True)[1]
             loss_gan = gan_g_loss(head(feats).float().squeeze(1))
             loss, rec["loss_gan_g"] = loss + cfg.gan_weight * loss_gan, loss_gan.item()
@@ -267,8 +305,7 @@ def fake_score_update(fake_train, head_train, fake, head, opt, x, real, y, y_rea
     """One step of mu_fake (and the GAN head D) on G's detached samples x and the real batch."""
     gan = cfg.gan_weight > 0
     with H.autocast(x.device, cfg.bf16):
-        loss_f, loss_d = fake_score_loss(fake_train, head_train, x, real, y, y_real, gan,
-                                         cfg.t_min, cfg.t_max)
+        loss_f, loss_d = fake_score_loss(fake_train, head_train, x, real, y, y_real, gan)
         loss = loss_f + (cfg.disc_weight * loss_d if gan else 0.0)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -287,10 +324,13 @@ def check(cfg):
     E.check_sample_counts(cfg)
     if cfg.grad_accum != 1:  # G's and mu_fake's updates each take the whole batch at once
         H.fail("--grad-accum is not implemented for DMD2: lower --batch-size per process instead")
+    if not 0 <= cfg.ema_decay < 1:
+        H.fail(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if cfg.gan_weight < 0 or cfg.disc_weight < 0 or cfg.guidance < 0:
         H.fail("--gan-weight, --disc-weight and --guidance must be >= 0")
-    if not 0.0 <= cfg.t_min < cfg.t_max <= 1.0:
-        H.fail(f"need 0 <= --t-min < --t-max <= 1, got {cfg.t_min}, {cfg.t_max}")
+    if not 0 <= cfg.dm_min_step < cfg.dm_max_step < KARRAS["n"] or cfg.weight_decay < 0:
+        H.fail(f"need 0 <= --dm-min-step < --dm-max-step < {KARRAS['n']} and --weight-decay >= 0, "
+               f"got {cfg.dm_min_step}, {cfg.dm_max_step}, {cfg.weight_decay}")
     return H.check_ddil(cfg)
 
 
@@ -308,10 +348,12 @@ def main(argv=None):
     if not os.path.isfile(ckpt_path):  # a fresh run fits a re-read v head first; a resume loads it
         P.warm_up_head(G, T, data, cfg.head_warmup, cfg.batch_size, cfg.lr, cfg.seed)
     fake = copy.deepcopy(G)
+    G_eval = copy.deepcopy(G).requires_grad_(False) if cfg.ema_decay else G  # what is sampled
     torch.manual_seed(cfg.seed)  # the head's random init: same seed, same run
     head = gan_head(T.mid_ch).to(device)
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr)
-    opt_f = torch.optim.Adam(list(fake.parameters()) + list(head.parameters()), lr=cfg.lr)
+    opt_g = torch.optim.AdamW(G.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt_f = torch.optim.AdamW(list(fake.parameters()) + list(head.parameters()), lr=cfg.lr,
+                              weight_decay=cfg.weight_decay)
     taus = C.time_grid(K)[:-1]
     # DMD2 simulates G's inputs from the current G; a ring of (refresh / refresh_every) x K x
     # fake_updates x sim_staleness states holds none older than sim_staleness G updates (G only
@@ -321,7 +363,8 @@ def main(argv=None):
     buffers = {"teacher": C.MixingBuffer(cfg.buffer_size),
                "student": C.MixingBuffer(min(cfg.buffer_size, max(1, per_update)))}
     ck, step, train_time = H.resume(ckpt_path, device, G.config, {
-        "net": G, "fake": fake, "head": head, "opt_g": opt_g, "opt_f": opt_f, "buffers": buffers})
+        "net": G_eval, "g": G, "fake": fake, "head": head, "opt_g": opt_g, "opt_f": opt_f,
+        "buffers": buffers})
     shape = (G.config["in_ch"], G.config["resolution"], G.config["resolution"])
     H.check_free_space(cfg.out, [G, fake, head], [G, fake, head],
                        sum(b.capacity for b in buffers.values()), shape, world)
@@ -360,6 +403,8 @@ def main(argv=None):
     while step < cfg.iters:
         t0 = time.time()
         H.step_seed(cfg.seed, rank, step)
+        for group in opt_g.param_groups + opt_f.param_groups:  # DMD2's linear warm-up
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / WARMUP_ITERS)
         real, y_real = batches.get(step)
         y_real = y_real if nc else None
         if K == 1:  # G's input is pure noise at tau_1 = 1
@@ -370,7 +415,7 @@ def main(argv=None):
                 B, C.ramped_betas(betas, step / cfg.iters, cfg.beta_ramp))
             refresh = cfg.refresh if step % cfg.refresh_every == 0 else 0
             x_d, y_d = data_batches.get(step) if n_data else (real, y_real)
-            x_in, t_in, y, _, _ = C.cat_states(
+            x_in, t_in, y, _, src = C.cat_states(
                 data_states(x_d[:n_data], y_d[:n_data] if nc else None, taus),
                 C.replay(buffers["teacher"], teacher_source, n_teacher, refresh, K),
                 C.replay(buffers["student"], student_source, n_student, refresh, K))
@@ -380,8 +425,18 @@ def main(argv=None):
         with torch.set_grad_enabled(g_step), H.autocast(device, cfg.bf16):
             x = generator_sample(G_train if g_step else G, x_in, t_in, y, bound=cfg.bound)
         rec = generator_update(G, fake, head, T, opt_g, x, y, cfg) if g_step else {}
-        rec.update(fake_score_update(fake_train, head_train, fake, head, opt_f, x, real, y, y_real,
-                                     cfg))
+        if g_step and cfg.ema_decay:
+            C.ema_update(G_eval, G, cfg.ema_decay)
+        x_f, y_f = x, y
+        if cfg.fake_states == "own" and K > 1 and n_student < B:  # G's sampling distribution only
+            x_o, t_o, y_o, _ = C.replay(buffers["student"], student_source, B - n_student, 0, K)
+            with torch.no_grad(), H.autocast(device, cfg.bf16):
+                x_o = generator_sample(G, x_o, t_o, y_o if nc else None, bound=cfg.bound)
+            own = src == 2
+            x_f = torch.cat([x[own], x_o])
+            y_f = torch.cat([y[own], y_o]) if nc else None
+        rec.update(fake_score_update(fake_train, head_train, fake, head, opt_f, x_f, real, y_f,
+                                     y_real, cfg))
         step += 1
         train_time += time.time() - t0
         log.update()
@@ -390,10 +445,12 @@ def main(argv=None):
             log.log(step, train_s=round(train_time, 3), **rec)
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iters):
             log.log(step, train_s=round(train_time, 3),
-                    **E.fd_during_training(G, "renoise", K, cfg.eval_every_samples, **protocol))
+                    **E.fd_during_training(G_eval, "renoise", K, cfg.eval_every_samples,
+                                           **protocol))
         if step % cfg.ckpt_every == 0 or step == cfg.iters:
             H.save_checkpoint(ckpt_path, {
-                "net": G.state_dict(), "model_config": G.config, "sampler": "renoise", "steps": K,
+                "net": G_eval.state_dict(), "g": G.state_dict() if cfg.ema_decay else None,
+                "model_config": G.config, "sampler": "renoise", "steps": K,
                 "w": cfg.guidance, "config": asdict(cfg), "fake": fake.state_dict(),
                 "head": head.state_dict(), "opt_g": opt_g.state_dict(), "opt_f": opt_f.state_dict(),
                 "step": step, "buffers": {k: b.state_dict() for k, b in buffers.items()},
@@ -401,7 +458,7 @@ def main(argv=None):
     log.close()
 
     # final evaluation: G at 1 and K steps; the guided teacher at the same K and at 64
-    G.eval()
+    G = G_eval.eval()
 
     def imitation_error(x_t, t, y):  # G's sample vs the teacher's DDIM sample from the state
         with torch.no_grad():

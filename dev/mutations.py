@@ -102,6 +102,15 @@ BREAKS = [  # (name, file, original, replacement)
     ("dmd2-student-train-bound", DMD2, "taus, bound=cfg.sample_bound,", "taus, bound=cfg.bound,"),
     ("dmd2-real-fake-swapped", DMD2, "p_real, p_fake = x - x0_real, x - x0_fake",
      "p_real, p_fake = x - x0_fake, x - x0_real"),
+    ("dmd2-karras-grid-flipped", DMD2, 'sigma = (lo + k / (KARRAS["n"] - 1) * (hi - lo))',
+     'sigma = (hi + k / (KARRAS["n"] - 1) * (lo - hi))'),
+    ("dmd2-dm-t-uniform", DMD2, "t = karras_t(x.shape[0], k_min, k_max, x.device)",
+     "t = torch.rand(x.shape[0], device=x.device)"),
+    ("dmd2-ema-never-updated", DMD2, "C.ema_update(G_eval, G, cfg.ema_decay)", "pass"),
+    ("dmd2-ema-not-saved", DMD2, '"net": G_eval.state_dict(),', '"net": G.state_dict(),'),
+    ("dmd2-fake-own-rows-data", DMD2, "x_f = torch.cat([x[own], x_o])",
+     "x_f = torch.cat([x[~own], x_o])"),
+    ("dmd2-fake-own-never", DMD2, 'if cfg.fake_states == "own" and K > 1', 'if False and K > 1'),
 ]
 
 

@@ -4,6 +4,7 @@ import json
 import os
 import types
 
+import pytest
 import torch
 
 import common as C
@@ -33,12 +34,12 @@ def test_dm_gradient_is_zero_when_fake_equals_real():
     torch.manual_seed(0)
     x = torch.randn(16, 1, 4, 4, requires_grad=True)
     score = gaussian_denoiser(0.3, 0.5)
-    loss, grad = D.dm_loss(x, score, score, 0.02, 0.98)
+    loss, grad = D.dm_loss(x, score, score, 20, 980)
     loss.backward()
     assert grad.abs().max().item() == 0.0 and loss.item() == 0.0
     assert x.grad.abs().max().item() == 0.0
     # and a different fake score does give a gradient
-    _, grad = D.dm_loss(x, score, gaussian_denoiser(-0.3, 0.5), 0.02, 0.98)
+    _, grad = D.dm_loss(x, score, gaussian_denoiser(-0.3, 0.5), 20, 980)
     assert grad.abs().mean().item() > 0.1
 
 
@@ -47,7 +48,7 @@ def test_dm_step_moves_samples_towards_the_real_distribution():
     real_mean, real_std, fake_mean, fake_std = 0.5, 0.3, -0.3, 0.6
     real, fake = gaussian_denoiser(real_mean, real_std), gaussian_denoiser(fake_mean, fake_std)
     x = (fake_mean + fake_std * torch.randn(4096, 1, 2, 2)).requires_grad_(True)
-    loss, grad = D.dm_loss(x, real, fake, 0.02, 0.98)
+    loss, grad = D.dm_loss(x, real, fake, 20, 980)
     loss.backward()
     # the loss's gradient is the DM gradient (the mean over elements scales it by 1 / numel)
     torch.testing.assert_close(x.grad * x.numel(), grad)
@@ -57,6 +58,27 @@ def test_dm_step_moves_samples_towards_the_real_distribution():
     assert kl_after < 0.95 * kl_before, (kl_before, kl_after)
     # the mean moves up (towards 0.5): the sign is right, not just the size
     assert x_new.mean() > x.detach().mean() + 0.01
+
+
+def test_noise_levels_are_dmd2s_karras_grid():
+    """EDM's sigma is our sigma / alpha: the grid's ends are sigma 0.002 and 80, its 2% and 98%
+    indices DMD2's DM range, and uniform in the index puts the median at sigma ~2.5."""
+    def edm_sigma(t):
+        a, s = C.alpha_sigma(t)
+        return (s / a).double()
+    torch.manual_seed(0)
+    ends = torch.cat([D.karras_t(4000, 0, 0), D.karras_t(4000, 999, 999)])
+    torch.testing.assert_close(edm_sigma(ends[:4000]), torch.full((4000,), 0.002, dtype=torch.float64),
+                               rtol=1e-3, atol=0)
+    torch.testing.assert_close(edm_sigma(ends[4000:]), torch.full((4000,), 80.0, dtype=torch.float64),
+                               rtol=1e-3, atol=0)
+    t = D.karras_t(200_000, 20, 980)
+    s = edm_sigma(t)
+    assert s.min() == pytest.approx(0.003232, rel=1e-2) and s.max() == pytest.approx(72.05, rel=1e-2)
+    assert s.median() == pytest.approx(2.53, rel=0.03) and t.median() == pytest.approx(0.76, abs=0.01)
+    # uniform in the index: k = 500 (sigma_k of the formula) is the median
+    lo, hi = 0.002 ** (1 / 7), 80 ** (1 / 7)
+    assert s.median() == pytest.approx((lo + 500 / 999 * (hi - lo)) ** 7, rel=0.03)
 
 
 def test_gan_head_shapes_and_loss_signs():
@@ -79,7 +101,7 @@ def test_gan_head_shapes_and_loss_signs():
         torch.full((4,), -3.0), torch.full((4,), 3.0))
     # the joint fake-score / D loss reaches the head's parameters
     x, r = torch.rand(4, 1, 8, 8) * 2 - 1, torch.rand(4, 1, 8, 8) * 2 - 1
-    loss_v, loss_d = D.fake_score_loss(net, head, x, r, None, None, True, 0.02, 0.98)
+    loss_v, loss_d = D.fake_score_loss(net, head, x, r, None, None, True)
     (loss_v + loss_d).backward()
     assert all(p.grad is not None for p in head.parameters())
 
@@ -135,7 +157,7 @@ def test_teacher_rollout_follows_the_guided_teacher_and_keeps_labels():
 
 
 def dmd2_cfg(**kw):
-    return types.SimpleNamespace(bf16=False, guidance=2.0, t_min=0.02, t_max=0.98, gan_weight=0.0,
+    return types.SimpleNamespace(bf16=False, guidance=2.0, dm_min_step=20, dm_max_step=980, gan_weight=0.0,
                                  disc_weight=1e-2, grad_clip=1e9, **kw)
 
 
@@ -150,7 +172,7 @@ def test_generator_update_is_the_dm_gradient_against_the_guided_real_score():
     a, sg = (C.bcast(c, x) for c in C.alpha_sigma(t_in))
     torch.testing.assert_close(x, C.reflect(a * x_in - sg * G(x_in, t_in, y)))
     torch.manual_seed(9)
-    t = cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(6)
+    t = D.karras_t(6, cfg.dm_min_step, cfg.dm_max_step)
     a, sg = (C.bcast(c, x) for c in C.alpha_sigma(t))
     x_t = a * x.detach() + sg * torch.randn_like(x)
     with torch.no_grad():
@@ -225,15 +247,17 @@ def test_tiny_run_writes_every_output_and_follows_two_time_scales(tiny_teacher, 
     assert C.generate(net, 4, 2, kind, bound="clip").abs().max() <= 1.0
 
 
-def test_resume_matches_an_uninterrupted_run(tiny_teacher, tmp_path):
+@pytest.mark.parametrize("ema", [[], ["--ema-decay", "0.5"]], ids=["G", "EMA"])
+def test_resume_matches_an_uninterrupted_run(tiny_teacher, tmp_path, ema):
     common = ["--fake-updates", "2", "--beta-data", "0.25", "--beta-teacher", "0.25",
-              "--beta-student", "0.5", "--eval-samples", "16"]
+              "--beta-student", "0.5", "--eval-samples", "16", *ema]
     run(tiny_teacher, tmp_path / "a", "--iters", "5", *common)
     run(tiny_teacher, tmp_path / "b", "--iters", "3", *common)  # "interrupted" after step 3
     run(tiny_teacher, tmp_path / "b", "--iters", "5", *common)  # resumes from its ckpt.pt
     a, b = (H.load_checkpoint(str(tmp_path / d / "ckpt.pt")) for d in "ab")
     assert a["step"] == b["step"] == 5
-    for key in ("net", "fake", "head"):
+    assert (a["g"] is None) == (not ema)
+    for key in ("net", "fake", "head") + (("g",) if ema else ()):
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), (key, k)
     for key in ("opt_g", "opt_f"):
@@ -270,3 +294,63 @@ def test_data_states_come_from_images_other_than_the_gans_real_batch(tmp_path, t
     assert len(seen["data"]) == 2 and len(seen["real"]) == 2
     for x0, real in zip(seen["data"], seen["real"]):
         assert len(x0) == 4 and not torch.equal(x0, real[:4])
+
+
+def test_the_ema_of_g_is_what_is_saved_and_sampled(tiny_teacher, tmp_path):
+    """One G step at decay 0.5 from the teacher's copy: the sampling network is the mean of the
+    two, G itself is kept beside it (for a resume)."""
+    # (lr 10: the first step of the warm-up is lr / 72, and Adam's step is about lr)
+    G = run(tiny_teacher, tmp_path, "--iters", "1", "--fake-updates", "1", "--ema-decay", "0.5",
+            "--eval-samples", "16", "--lr", "10")
+    ck = H.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    T = H.load_checkpoint(tiny_teacher)["ema"]
+    moved = 0
+    for k, v in ck["net"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, 0.5 * T[k] + 0.5 * ck["g"][k])
+            moved += int((ck["g"][k] - T[k]).abs().max() > 1e-2)
+    assert moved > 0 and all(torch.equal(p, ck["net"][k]) for k, p in G.state_dict().items())
+
+
+@pytest.mark.parametrize("states", ["all", "own"])
+def test_fake_states_own_trains_mu_fake_on_gs_own_state_outputs_only(tiny_teacher, tmp_path,
+                                                                     monkeypatch, states):
+    """--fake-states own: mu_fake's batch is G's outputs from its own states (those of the mixed
+    batch, topped up from the own-state buffer), never its outputs from DDIL's data states;
+    all (DMD2's): every output of the batch."""
+    samples, fakes, replays = [], [], []
+    sample, fake_update, replay = D.generator_sample, D.fake_score_update, C.replay
+
+    def spy_sample(G, x_in, t_in, y, *, bound):
+        out = sample(G, x_in, t_in, y, bound=bound)
+        samples.append((x_in, out.detach()))
+        return out
+
+    def spy_fake(fake_train, head_train, fake, head, opt, x, *rest):
+        fakes.append(x.detach())
+        return fake_update(fake_train, head_train, fake, head, opt, x, *rest)
+
+    def spy_replay(buf, rollout, n, trajectories, traj_len):
+        out = replay(buf, rollout, n, trajectories, traj_len)
+        replays.append((rollout.__name__, buf, n, trajectories, out))
+        return out
+    monkeypatch.setattr(D, "generator_sample", spy_sample)
+    monkeypatch.setattr(D, "fake_score_update", spy_fake)
+    monkeypatch.setattr(C, "replay", spy_replay)
+    run(tiny_teacher, tmp_path, "--iters", "2", "--fake-updates", "1", "--beta-data", "0.5",
+        "--beta-student", "0.5", "--fake-states", states, "--eval-samples", "16")
+    per_iter = 2 if states == "own" else 1
+    train = samples[:2 * per_iter]  # (the final evaluation's samples come after)
+    assert len(fakes) == 2
+    for i, x_f in enumerate(fakes):
+        main = train[i * per_iter]
+        assert len(main[0]) == 8  # 4 data states, then 4 own states
+        if states == "all":
+            assert torch.equal(x_f, main[1])
+            continue
+        extra = train[i * per_iter + 1]
+        assert len(extra[0]) == 4 and torch.equal(x_f, torch.cat([main[1][4:], extra[1]]))
+        own = [r for r in replays if r[0] == "student_source"][2 * i:2 * i + 2]
+        assert own[0][1] is own[1][1] and own[1][3] == 0 and own[1][2] == 4  # same buffer, no refresh
+        assert torch.equal(extra[0], own[1][4][0])  # the top-up's inputs are those buffer states
+        assert torch.equal(main[0][4:], own[0][4][0])
