@@ -343,7 +343,8 @@ def main(argv=None):
     nc, K, B = T.num_classes, cfg.steps, cfg.batch_size
     cfg.guidance = cfg.guidance if nc else 0.0
 
-    G = make_student(T, cfg.student_head)  # G and mu_fake copy the teacher, without dropout
+    # G and mu_fake copy the teacher, without dropout (or, --student-width < 1, a narrower G)
+    G = make_student(T, cfg.student_head, width=cfg.student_width, seed=cfg.seed)
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     if not os.path.isfile(ckpt_path):  # a fresh run fits a re-read v head first; a resume loads it
         P.warm_up_head(G, T, data, cfg.head_warmup, cfg.batch_size, cfg.lr, cfg.seed)

@@ -168,8 +168,13 @@ class DistillConfig(RunConfig):
                              "its output as v (fitted first, --head-warmup), copy keeps the eps "
                              "head; our own teachers predict v already.",
                              choices=HEADS)
-    head_warmup: int = flag(300, "Iterations that fit a re-read v head to the teacher before "
-                            "distillation (--student-head v or auto on an eps teacher).")
+    head_warmup: int = flag(300, "Iterations that fit a re-read v head (--student-head v or auto "
+                            "on an eps teacher), or a narrower student, to the teacher's v "
+                            "before distillation.")
+    student_width: float = flag(1.0, "The student's channel width relative to its teacher's (our "
+                                "U-Net teachers). Below 1 the student cannot copy the teacher: "
+                                "it starts from random weights fitted to the teacher's v on "
+                                "forward-diffused data for --head-warmup iterations.")
     steps: int = flag(4, "K, the student's sampling steps.")
     beta_data: float = flag(0.5, "DDIL's prior on data states: forward-diffused training "
                             "images (the priors are normalised to sum to 1).")
@@ -291,6 +296,10 @@ def check_ddil(cfg):
              f"(--teacher diffusers:...); other teachers' students need no new head: use --student-head copy")
     if getattr(cfg, "head_warmup", 0) < 0:
         fail(f"--head-warmup is a number of iterations >= 0, got {cfg.head_warmup}")
+    width = getattr(cfg, "student_width", 1.0)
+    if not 0 < width <= 1 or (width < 1 and cfg.head_warmup == 0):
+        fail(f"--student-width is in (0, 1], and below 1 needs --head-warmup > 0 (the narrower "
+             f"student starts from random weights), got {width} with {cfg.head_warmup}")
     return check_betas(cfg.beta_data, cfg.beta_teacher, cfg.beta_student)
 
 

@@ -242,7 +242,8 @@ def main(argv=None):
     w_eval = 0.5 * (cfg.w_min + cfg.w_max) if guided else 0.0
 
     torch.manual_seed(cfg.seed)  # the w embedding's random init: same seed, same run
-    student = make_student(teacher, cfg.student_head, w_embed=guided)
+    student = make_student(teacher, cfg.student_head, w_embed=guided, width=cfg.student_width,
+                           seed=cfg.seed)
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     if not os.path.isfile(ckpt_path):  # a fresh run fits a re-read v head first; a resume loads it
         P.warm_up_head(student, teacher, data, cfg.head_warmup, cfg.batch_size, cfg.lr, cfg.seed)

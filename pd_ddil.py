@@ -210,7 +210,8 @@ def main(argv=None):
     nc = teacher0.num_classes
     w_guide = cfg.guidance if nc else 0.0  # the first teacher's guidance; later stages are plain
 
-    student = make_student(teacher0, cfg.student_head)  # a copy of the teacher, no dropout
+    # a copy of the teacher without dropout (or, --student-width < 1, a narrower network)
+    student = make_student(teacher0, cfg.student_head, width=cfg.student_width, seed=cfg.seed)
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     if not os.path.isfile(ckpt_path):  # a fresh run fits a re-read v head first; a resume loads it
         P.warm_up_head(student, teacher0, data, cfg.head_warmup, cfg.batch_size, cfg.lr, cfg.seed)

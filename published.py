@@ -884,7 +884,8 @@ def student_copy(teacher, clip_x0=False, head="auto"):
 
 
 def warm_up_head(student, teacher, data, iters, batch_size, lr, seed=0):
-    """Fit a re-read head (student_copy(head="v")) to the teacher before distillation:
+    """Fit a re-read head (student_copy(head="v")), or a narrower student (teacher.make_student
+    with width < 1), to the teacher before distillation:
     min E ||v_student(z_t, t, y) - v_teacher(z_t, t, y)||^2 over data z_t = alpha x0 + sigma eps,
     t ~ U[0, 1], Adam at lr, `iters` steps. The same batches and noise on every rank (world size 1
     batches, seeded per step), so DDP ranks start from the same student. Returns the last loss;
@@ -906,8 +907,9 @@ def warm_up_head(student, teacher, data, iters, batch_size, lr, seed=0):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    student._hook.out = None  # the last forward's features hold a graph: copies of the student refuse it
+    if hasattr(student, "_hook"):  # the last forward's features hold a graph: copies refuse it
+        student._hook.out = None
     loss = loss.item()
     if H.is_main():
-        print(f"student head v: fitted to the teacher for {iters} iterations, loss {loss:.3g}", flush=True)
+        print(f"student: fitted to the teacher's v for {iters} iterations, loss {loss:.3g}", flush=True)
     return loss

@@ -248,10 +248,21 @@ def load_teacher(path, dataset, device="cpu", cond=False, edm_repo="", data_dir=
     return model
 
 
-def make_student(teacher, head="auto", w_embed=False):
+def make_student(teacher, head="auto", w_embed=False, width=1.0, seed=0):
     """A trainable copy of the teacher, without dropout: common.student_of for our U-Net
     (w_embed: LCM's guidance-weight input, starting at zero), published.student_copy (with its
-    output head, --student-head) for a wrapped published network."""
+    output head, --student-head) for a wrapped published network. width < 1 (our U-Net): a
+    student with that fraction of the teacher's channels (a multiple of 4), random weights
+    (seeded) that published.warm_up_head fits to the teacher's v first (it has `refit`)."""
+    if isinstance(teacher, C.UNet) and width != 1.0:
+        ch = max(4, 4 * round(teacher.config["ch"] * width / 4))
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            student = C.UNet(**{**teacher.config, "dropout": 0.0, "ch": ch, "w_embed": w_embed})
+        student.refit = True
+        return student.to(next(teacher.parameters()).device).train()
+    if width != 1.0:
+        H.fail("--student-width applies to this project's U-Net teachers only: leave it at 1")
     if isinstance(teacher, C.UNet):  # (--student-head v is refused for it by check_ddil)
         return C.student_of(teacher, w_embed=w_embed)
     if w_embed:

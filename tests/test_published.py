@@ -670,7 +670,7 @@ def test_each_method_distils_a_diffusers_teacher_end_to_end(method, head, tmp_pa
     student = main(common + extra)
     assert isinstance(student, P.DiffusersTeacher) and student.clip_x0 is False
     assert student.prediction_type == {"copy": "epsilon", "v": "v_prediction", "auto": "v_prediction"}[head]
-    assert ("fitted to the teacher for 2 iterations" in capsys.readouterr().out) == (head != "copy")
+    assert ("fitted to the teacher's v for 2 iterations" in capsys.readouterr().out) == (head != "copy")
     m = json.loads((out / "metrics.json").read_text())
     res = evaluate.main([str(out / "ckpt.pt"), "--steps", "2", "--num-samples", "12", "--out", str(tmp_path / "ev")])
     assert all(m["student"]["2"][k] == v for k, v in res["rows"]["2"].items())  # rebuilt from its config

@@ -106,3 +106,38 @@ def test_nan_loss_stops_in_one_line_and_writes_no_nan(tmp_path):
     assert r.returncode != 0 and msg.startswith("error: loss is") and "\n" not in msg
     assert "no checkpoint was written yet" in msg and "fresh --out" in msg
     assert not os.path.exists(os.path.join(out, "ckpt.pt"))
+
+def test_a_narrower_student_is_fitted_to_the_teachers_v():
+    """--student-width 0.5: half the channels, random (seeded) weights, then published.
+    warm_up_head regresses its v on the (shipped) teacher's over forward-diffused data."""
+    import common as C
+    import harness as H
+    import published as P
+    T = teacher.load_teacher(teacher.shipped_teacher_path("digits", False), "digits")
+    S = teacher.make_student(T, width=0.5, seed=3)
+    assert S.config["ch"] == T.config["ch"] // 2 == 12 and S.refit and S.training
+    assert C.num_params(S) < C.num_params(T) / 3
+    again = teacher.make_student(T, width=0.5, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(S.state_dict().values(), again.state_dict().values()))
+    data = H.load_dataset("digits")
+    x0 = H.to_float(data[0][:256])
+    torch.manual_seed(0)
+    t = torch.rand(256)
+    z = C.diffuse(x0, t)
+
+    def err():
+        with torch.no_grad():
+            return float((S(z, t) - T(z, t)).square().mean())
+    before = err()
+    P.warm_up_head(S, T, data, 60, 64, 1e-3, seed=0)
+    assert err() < 0.5 * before
+    assert torch.equal(teacher.make_student(T).inp.weight, T.inp.weight)  # width 1: the copy
+
+
+@pytest.mark.parametrize("argv, msg", [(["--student-width", "0"], "--student-width"),
+                                       (["--student-width", "0.5", "--head-warmup", "0"], "--head-warmup > 0")])
+def test_bad_student_width_is_refused(argv, msg, tmp_path):
+    import lcm_ddil
+    with pytest.raises(SystemExit, match=msg):
+        lcm_ddil.main(argv + ["--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
