@@ -95,7 +95,7 @@ def test_diffusers_teacher_gaussian_oracle(sched, pred, interp):
     lo, hi = teacher.logsnr_range
     for frac in (0.0, 0.002, 0.02, 0.2, 0.45, 0.55, 0.8, 0.98, 1.0):  # both eps branches, both ends
         lam = hi + frac * (lo - hi)
-        t = torch.full((4,), P._t_of_logsnr(lam))
+        t = torch.full((4,), float(C.t_of_logsnr(lam)))
         z = sample_z(t[:1].expand(4))
         lam_t = C.logsnr(t).double().clamp(lo, hi)  # float32 t at the range's ends rounds past it
         dlam = (teacher.unet.effective_logsnr(teacher.timestep(t)) - lam_t).abs().max().item()
@@ -133,7 +133,7 @@ def test_fractional_timesteps_reach_the_network():
 def test_timestep_logsnr_round_trip():
     teacher = wrapped("linear", "v_prediction")
     lo, hi = teacher.logsnr_range
-    t = torch.linspace(P._t_of_logsnr(hi), P._t_of_logsnr(lo), 97)
+    t = torch.linspace(float(C.t_of_logsnr(hi)), float(C.t_of_logsnr(lo)), 97)
     back = teacher.logsnr_of_timestep(teacher.timestep(t))
     assert (back - C.logsnr(t).double()).abs().max() < 1e-4
     # and the table itself: integer timesteps give the scheduler's own logSNR
@@ -191,7 +191,7 @@ def test_edm_teacher_gaussian_oracle(kind):
     y = torch.tensor([0, 1, 2, 1])
     mean = C.bcast(M + 0.1 * y.double(), torch.zeros(4, 1, 4, 4))
     for lam in (12.0, 6.0, 1.0, -0.5, -4.0, -8.5):  # s = exp(-lam / 2) inside [0.002, 80]
-        t = torch.full((4,), P._t_of_logsnr(lam))
+        t = torch.full((4,), float(C.t_of_logsnr(lam)))
         z = sample_z(t) + 0.1 * mean.float()
         a, s = (C.bcast(c.double(), z) for c in P._lam_ab(C.logsnr(t).double()))
         x0, eps = gaussian_x0_eps(z.double(), a, s, mean)
