@@ -26,3 +26,14 @@ def test_long_lines_are_named(tmp_path):
     path.write_text("x = 1\n" + "#" * MAX_LINE + "\n" + "y" * (MAX_LINE + 1) + "\n")
     hits = long_lines(str(path))
     assert len(hits) == 1 and hits[0].endswith("f.py:3 (101 chars)"), hits
+
+
+def test_the_readme_snippet_is_lcm_ddils_code():
+    """README's DDIL statement is copied from lcm_ddil.py's loop: each of its lines (less a
+    trailing comment) occurs there, so the snippet cannot drift from the code."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    code = open(os.path.join(ROOT, "lcm_ddil.py")).read()
+    lines = [ln.split("  # ")[0].strip() for ln in snippet.splitlines() if ln.strip()]
+    assert len(lines) >= 9 and "def student_source(n):" in lines
+    assert [ln for ln in lines if ln not in code] == []
