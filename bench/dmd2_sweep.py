@@ -36,6 +36,7 @@ from teacher import load_net  # noqa: E402
 SETTINGS = {  # name: flags on top of the recipe (dmd2_ddil.py's defaults)
     "recipe": [],
     "lr3e-5": ["--lr", "3e-5"],
+    "lr3e-5-10k": ["--lr", "3e-5", "--iters", "10000"],  # (the same run, longer)
     "ema0.99": ["--ema-decay", "0.99"],
     "gan1e-2": ["--gan-weight", "1e-2"],
     "fake10": ["--fake-updates", "10"],
