@@ -108,7 +108,7 @@ def table_md(res):
         curve = " ".join(f"{fd:.3g}" for _, fd in r["curve"])
         ft = (f"{r['fd_teacher']:.3g} ({r['floor_fd_teacher']:.3g})"
               if r["fd_teacher"] is not None and r["floor_fd_teacher"] is not None else "–")
-        lines.append(f"| {r['setting']} | `{' '.join(SETTINGS[r['setting']]) or '(defaults)'}` | "
+        lines.append(f"| {r['setting']} | `{' '.join(SETTINGS.get(r['setting'], [])) or '(defaults)'}` | "
                      f"{r['seed']} | {r['fd']:.4f} | {r['teacher']:.4f} | {r['ratio']:.2f} | {ft} | "
                      f"{r['precision']:.2f} / {r['recall']:.2f} | {curve} | {r['noise']:.3f} | "
                      f"{'yes' if r['settled'] else 'no'} |")
@@ -144,7 +144,12 @@ def main(argv=None):
     command = "python bench/dmd2_sweep.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     print(f"command: {command}", flush=True)
     cfg.runs_dir, cfg.out = os.path.abspath(cfg.runs_dir), os.path.abspath(cfg.out)
-    rows, failed = [], []
+    name = "dmd2_sweep" + ("" if cfg.lab == "uncond" else "-cond")
+    path = os.path.join(cfg.out, name + ".json")
+    # a fresh checkout has the committed rows but not their runs: keep those rows
+    kept = {(r["setting"], r["seed"]): r for r in (R.read_json(path)["rows"]
+                                                   if os.path.isfile(path) else [])}
+    failed = []
     for seed in cfg.seeds:
         for setting in settings:
             d = os.path.join(cfg.runs_dir, run_name(cfg, setting, seed))
@@ -159,13 +164,15 @@ def main(argv=None):
                 if rc:
                     failed.append(run_name(cfg, setting, seed))
             if os.path.isfile(os.path.join(d, "metrics.json")):
-                rows.append(row(cfg, setting, seed))
+                kept[(setting, seed)] = row(cfg, setting, seed)
+    order = list(SETTINGS)
+    rows = [kept[k] for k in sorted(kept, key=lambda k: (order.index(k[0]) if k[0] in order
+                                                        else len(order), k[1]))]
     res = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "lab": cfg.lab, "iters": cfg.iters, "settings": {s: SETTINGS[s] for s in settings},
+           "lab": cfg.lab, "iters": cfg.iters, "settings": {s: SETTINGS[s] for s in SETTINGS},
            "rows": rows, "failed": failed, "wall_s": time.time() - t0}
-    name = "dmd2_sweep" + ("" if cfg.lab == "uncond" else "-cond")
     os.makedirs(cfg.out, exist_ok=True)
-    H.write_json(res, os.path.join(cfg.out, name + ".json"))
+    H.write_json(res, path)
     with open(os.path.join(cfg.out, name + ".md"), "w") as fh:
         fh.write(table_md(res) + "\n")
     plot(res, os.path.join(cfg.out, name + ".png"))

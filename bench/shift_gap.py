@@ -220,6 +220,17 @@ def measure(cfg, cell, arms, device):
     return res
 
 
+def committed(path, cfg):
+    """The seed-cells an earlier run of this benchmark measured (its json's per_seed), at the same
+    n and measurement version: a fresh checkout has the results but not the runs, and a rerun
+    keeps them (a cell whose runs are here is measured again)."""
+    if not os.path.isfile(path):
+        return {}
+    old = R.read_json(path)
+    return {tuple(m["cell"]): m for m in old.get("per_seed", [])
+            if m.get("n") == cfg.n and m.get("version") == VERSION}
+
+
 # ----------------------------------------------------------------------------------------------
 # aggregation and outputs
 # ----------------------------------------------------------------------------------------------
@@ -312,18 +323,19 @@ def main(argv=None):
                f"{', ...' if len(stale) > 1 else ''}): move them away or give another --runs-dir")
     failed = R.execute(cfg, specs, argv_of) if cfg.run else []
     device = cfg.device or "cpu"
-    measured = {}
+    name = "shift_gap" + ("" if cfg.regime == "base" else f"-{cfg.regime}")
+    measured = committed(os.path.join(cfg.out, name + ".json"), cfg)
     for cell, arms in cells.items():
         if all(os.path.isfile(os.path.join(cfg.runs_dir, n, "metrics.json")) for n in arms.values()):
             measured[cell] = measure(cfg, cell, arms, device)
             print(f"measured {cell}", flush=True)
     res = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "budget": cfg.budget, "regime": cfg.regime, "regime_flags": REGIMES[cfg.regime],
-           "n": cfg.n, "seeds": cfg.seeds, "cells": len(cells), "measured": len(measured),
-           "rows": aggregate(cells, measured), "failed": failed,
+           "n": cfg.n, "seeds": cfg.seeds, "cells": len(set(cells) | set(measured)),
+           "measured": len(measured), "rows": aggregate(sorted(set(cells) | set(measured)), measured),
+           "failed": failed,
            "per_seed": [measured[c] for c in sorted(measured)]}
     res["wall_s"] = time.time() - t0
-    name = "shift_gap" + ("" if cfg.regime == "base" else f"-{cfg.regime}")
     os.makedirs(cfg.out, exist_ok=True)
     H.write_json(res, os.path.join(cfg.out, name + ".json"))
     with open(os.path.join(cfg.out, name + ".md"), "w") as fh:

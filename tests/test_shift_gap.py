@@ -116,6 +116,11 @@ def test_smoke_end_to_end(tiny_teacher, tmp_path):
     cached = json.loads((tmp_path / "runs" / "shift_gap" /
                          "uncond-pd-K2-b1_0_0-none-s0-n32.json").read_text())
     assert cached["t"] == [0.5] and set(cached["digests"]) == set(S.ARMS)
-    # a rerun measures nothing again and gives the same rows
+    # a rerun measures nothing again and gives the same rows; so does a fresh checkout, which
+    # has the committed results but not the runs
     again = S.main(argv + ["--no-run"])
     assert again["rows"] == res["rows"]
+    import shutil
+    shutil.rmtree(tmp_path / "runs")
+    fresh = S.main(argv + ["--no-run"])
+    assert fresh["rows"] == res["rows"] and fresh["measured"] == 2

@@ -1,0 +1,43 @@
+"""bench/dmd2_sweep.py's reading of a run (ratio to the teacher, the curve, settled within its
+noise) and its table, on fabricated run folders; a fresh checkout keeps the committed rows."""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import dmd2_sweep as W  # noqa: E402
+
+
+def fake_run(runs, name, fd, teacher, curve, noise):
+    d = runs / name
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps({
+        "student": {"1": {"fd": fd, "fd_teacher": 2 * fd, "precision": 0.8, "recall": 0.9}},
+        "teacher": {"64": {"fd": teacher}}, "teacher_ref": {"floor_fd": 0.06},
+        "train_time_s": 10.0}))
+    (d / "log.jsonl").write_text("".join(json.dumps({"step": s, "fd": v}) + "\n" for s, v in curve)
+                                 + json.dumps({"step": 5, "loss_dm": 1.0}) + "\n")
+    (d / "fd_noise.json").write_text(json.dumps({"fds": [], "sd": noise}))
+
+
+def test_rows_ratio_settled_and_the_committed_rows_kept(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    fake_run(runs, "recipe-s0", 0.16, 0.04, [(500, 3.0), (1000, 0.12), (1500, 0.15), (2000, 0.16)], 0.025)
+    fake_run(runs, "ema0.99-s0", 0.09, 0.045, [(500, 0.3), (1000, 0.2), (1500, 0.1)], 0.01)
+    res = W.main(["--no-run", "--settings", "recipe,ema0.99", "--runs-dir", str(runs), "--out", str(out)])
+    recipe, ema = res["rows"]  # in SETTINGS' order
+    assert recipe["setting"] == "recipe" and recipe["ratio"] == pytest.approx(4.0)
+    assert recipe["settled"]  # 0.12..0.16 within 2 x 0.025
+    assert not ema["settled"] and ema["ratio"] == pytest.approx(2.0)  # 0.1..0.3 is not
+    assert [tuple(p) for p in recipe["curve"]] == [(500, 3.0), (1000, 0.12), (1500, 0.15), (2000, 0.16)]
+    md = (out / "dmd2_sweep.md").read_text()
+    assert "| recipe | `(defaults)` | 0 | 0.1600 | 0.0400 | 4.00 |" in md
+    assert "| ema0.99 | `--ema-decay 0.99` | 0 |" in md and "| no |" in md
+    # a fresh checkout: the committed rows stay, a run made there is added beside them
+    os.rename(runs, tmp_path / "gone")
+    fake_run(runs, "gan1e-2-s0", 0.12, 0.04, [(500, 0.2), (1000, 0.12)], 0.02)
+    again = W.main(["--no-run", "--runs-dir", str(runs), "--out", str(out)])
+    assert [r["setting"] for r in again["rows"]] == ["recipe", "ema0.99", "gan1e-2"]
+    assert again["rows"][0]["fd"] == 0.16 and again["rows"][2]["settled"] is False
