@@ -38,6 +38,7 @@ SETTINGS = {  # name: flags on top of the recipe (dmd2_ddil.py's defaults)
     "lr3e-5": ["--lr", "3e-5"],
     "lr3e-5-10k": ["--lr", "3e-5", "--iters", "10000"],  # (the same run, longer)
     "ema0.99": ["--ema-decay", "0.99"],
+    "lr3e-5-ema-10k": ["--lr", "3e-5", "--ema-decay", "0.99", "--iters", "10000"],  # the two best
     "gan1e-2": ["--gan-weight", "1e-2"],
     "fake10": ["--fake-updates", "10"],
     "bound-none": ["--bound", "none"],  # DMD2 as published: G's output unbounded in training

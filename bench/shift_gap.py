@@ -302,6 +302,50 @@ def table_md(res):
     return "\n".join(lines)
 
 
+def percent_points(rows):
+    """{(lab, method, K): {key: [(t, mean, lo, hi)]}} for gap, DDIL gain and excess in pixels, as
+    a percentage of the data-only student's own-state error (the plot's numbers)."""
+    panels = {}
+    for r in rows:
+        e = r["px"]["err"]["data-only on own"]["mean"]
+        for key in ("gap", "ddil_gain", "excess"):
+            c = r["px"][key]
+            if c and c["lo"] is not None:
+                panels.setdefault((r["lab"], r["method"], r["K"]), {}).setdefault(key, []).append(
+                    (r["t"], 100 * c["mean"] / e, 100 * c["lo"] / e, 100 * c["hi"] / e))
+    return panels
+
+
+def plot(res, path):
+    """One panel per (lab, method, K): percent_points against t, with their 95% intervals."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels = percent_points(res["rows"])
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3), dpi=80, sharey=True,
+                             squeeze=False)
+    for ax, ((lab, method, K), series) in zip(axes[0], panels.items()):
+        for j, (key, label) in enumerate((("gap", "gap"), ("ddil_gain", "DDIL gain"),
+                                          ("excess", "excess"))):
+            pts = series.get(key, [])
+            ax.errorbar([t + (j - 1) * 0.02 for t, *_ in pts], [m for _, m, _, _ in pts],
+                        yerr=[[m - lo for _, m, lo, _ in pts], [hi - m for _, m, _, hi in pts]],
+                        fmt="o", ms=4, capsize=2, color=f"C{j}", label=label)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set(title=f"{lab} {method} K={K}", xlabel="t", xlim=(0, 1))
+    axes[0][0].set_ylabel("% of data-only's own-state error (px)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None):
     t0 = time.time()
     cfg = H.parse_config(Config, argv)
@@ -340,7 +384,8 @@ def main(argv=None):
     H.write_json(res, os.path.join(cfg.out, name + ".json"))
     with open(os.path.join(cfg.out, name + ".md"), "w") as fh:
         fh.write(table_md(res) + "\n")
-    print(f"wrote {name}.json and {name}.md in {cfg.out}", flush=True)
+    png = plot(res, os.path.join(cfg.out, name + ".png"))
+    print(f"wrote {name}.json, .md{' and .png' if png else ''} in {cfg.out}", flush=True)
     if failed:
         H.fail(f"{len(failed)} runs failed ({', '.join(failed)}): see their stdout.log; rerun")
     return res

@@ -91,6 +91,10 @@ def test_gap_pairs_data_only_against_own_only_on_own_states():
     md = S.table_md({"regime": "base", "budget": "full", "command": "c", "date": "d",
                      "measured": 3, "cells": 4, "n": 8, "rows": [row]})
     assert "| uncond | pd | 2 | 0.50 | 3 |" in md and "**+110 [" in md
+    # the plot's numbers: percent of data-only's own-state error (2.0)
+    (t, mean, lo, hi), = S.percent_points([row])[("uncond", "pd", 2)]["gap"]
+    assert t == 0.5 and mean == pytest.approx(5.5) and lo == pytest.approx(100 * row["px"]["gap"]["lo"] / 2)
+    assert S.percent_points([row])[("uncond", "pd", 2)]["excess"][0][1] == pytest.approx(15.0)
 
 
 def test_bad_flags_stop_before_any_run(tmp_path):
