@@ -74,7 +74,8 @@ Choices and deviations (DMD2 code: tianweiy/DMD2):
     python dmd2_ddil.py --bound none           # DMD2 as published
     python dmd2_ddil.py --cond --guidance 2    # the guided, class-conditional digits lab
     python dmd2_ddil.py --steps 1 --lr 3e-5 --iters 10000   # one step: 1.34x-1.44x the teacher's
-                                               # FD, seeds 0-2 (3.6x at the defaults: bench/dmd2_sweep.py)
+                                               # FD on seeds 0-2 (3.6x at the defaults; see
+                                               # bench/dmd2_sweep.py)
 """
 import copy
 import os
