@@ -149,10 +149,7 @@ def main(argv=None):
     cfg.runs_dir, cfg.out = os.path.abspath(cfg.runs_dir), os.path.abspath(cfg.out)
     name = "dmd2_sweep" + ("" if cfg.lab == "uncond" else "-cond")
     path = os.path.join(cfg.out, name + ".json")
-    # a fresh checkout has the committed rows but not their runs: keep those rows
-    kept = {(r["setting"], r["seed"]): r for r in (R.read_json(path)["rows"]
-                                                   if os.path.isfile(path) else [])}
-    failed = []
+    fresh, failed = {}, []
     for seed in cfg.seeds:
         for setting in settings:
             d = os.path.join(cfg.runs_dir, run_name(cfg, setting, seed))
@@ -167,7 +164,12 @@ def main(argv=None):
                 if rc:
                     failed.append(run_name(cfg, setting, seed))
             if os.path.isfile(os.path.join(d, "metrics.json")):
-                kept[(setting, seed)] = row(cfg, setting, seed)
+                fresh[(setting, seed)] = row(cfg, setting, seed)
+    # a fresh checkout has the committed rows but not their runs: keep those rows. Read after the
+    # runs, so that sweeps of other seeds running beside this one keep theirs too.
+    kept = {(r["setting"], r["seed"]): r for r in (R.read_json(path)["rows"]
+                                                   if os.path.isfile(path) else [])}
+    kept.update(fresh)
     order = list(SETTINGS)
     rows = [kept[k] for k in sorted(kept, key=lambda k: (order.index(k[0]) if k[0] in order
                                                         else len(order), k[1]))]

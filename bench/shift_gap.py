@@ -368,11 +368,13 @@ def main(argv=None):
     failed = R.execute(cfg, specs, argv_of) if cfg.run else []
     device = cfg.device or "cpu"
     name = "shift_gap" + ("" if cfg.regime == "base" else f"-{cfg.regime}")
-    measured = committed(os.path.join(cfg.out, name + ".json"), cfg)
+    fresh = {}
     for cell, arms in cells.items():
         if all(os.path.isfile(os.path.join(cfg.runs_dir, n, "metrics.json")) for n in arms.values()):
-            measured[cell] = measure(cfg, cell, arms, device)
+            fresh[cell] = measure(cfg, cell, arms, device)
             print(f"measured {cell}", flush=True)
+    # read after measuring, so that a run of other cells beside this one keeps its own
+    measured = {**committed(os.path.join(cfg.out, name + ".json"), cfg), **fresh}
     res = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "budget": cfg.budget, "regime": cfg.regime, "regime_flags": REGIMES[cfg.regime],
            "n": cfg.n, "seeds": cfg.seeds, "cells": len(set(cells) | set(measured)),

@@ -3,6 +3,7 @@ noise) and its table, on fabricated run folders; a fresh checkout keeps the comm
 import json
 import os
 import sys
+import types
 
 import pytest
 
@@ -12,7 +13,7 @@ import dmd2_sweep as W  # noqa: E402
 
 def fake_run(runs, name, fd, teacher, curve, noise):
     d = runs / name
-    d.mkdir(parents=True)
+    d.mkdir(parents=True, exist_ok=True)
     (d / "metrics.json").write_text(json.dumps({
         "student": {"1": {"fd": fd, "fd_teacher": 2 * fd, "precision": 0.8, "recall": 0.9}},
         "teacher": {"64": {"fd": teacher}}, "teacher_ref": {"floor_fd": 0.06},
@@ -41,3 +42,19 @@ def test_rows_ratio_settled_and_the_committed_rows_kept(tmp_path):
     again = W.main(["--no-run", "--runs-dir", str(runs), "--out", str(out)])
     assert [r["setting"] for r in again["rows"]] == ["recipe", "ema0.99", "gan1e-2"]
     assert again["rows"][0]["fd"] == 0.16 and again["rows"][2]["settled"] is False
+
+
+def test_sweeps_side_by_side_keep_each_others_rows(tmp_path, monkeypatch):
+    """Two sweeps of other seeds run at once: the one that ends last keeps the other's row."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    args = ["--settings", "recipe", "--runs-dir", str(runs), "--out", str(out)]
+
+    def run(argv, **_):  # this sweep's run; meanwhile the sweep of seed 1 finishes and writes
+        fake_run(runs, "recipe-s0", 0.16, 0.04, [(500, 0.2)], 0.02)
+        fake_run(runs, "recipe-s1", 0.12, 0.04, [(500, 0.2)], 0.02)
+        W.main(["--no-run", "--seeds", "1", *args])
+        return types.SimpleNamespace(returncode=0)
+    monkeypatch.setattr(W.subprocess, "run", run)
+    res = W.main(["--seeds", "0", *args])
+    assert [(r["setting"], r["seed"], r["fd"]) for r in res["rows"]] == [("recipe", 0, 0.16),
+                                                                         ("recipe", 1, 0.12)]
