@@ -4,12 +4,14 @@ curves to convergence, against the 64-step teacher on the same seeds and protoco
     python bench/dmd2_sweep.py                              # every setting, seed 0 (resumable)
     python bench/dmd2_sweep.py --settings recipe,ema --seeds 0 1 2
     python bench/dmd2_sweep.py --no-run                     # aggregate what is there
+    python bench/dmd2_sweep.py --steps 4 --iters 1500 --settings recipe --seeds 0 1 2  # a K-step G
 
-Each run is `python dmd2_ddil.py --steps 1 --iters ITERS --eval-every 500 --eval-every-samples
-1000 <setting's flags> --seed S` into <runs-dir>/<setting>-s<S> (default bench/out/dmd2_sweep,
-gitignored); a run whose metrics.json exists is skipped. Settings change one thing from the
+Each run is `python dmd2_ddil.py --steps K --iters ITERS --eval-every 500 --eval-every-samples
+1000 <setting's flags> --seed S` into <runs-dir>/[cond-]<setting>[-K<K>]-s<S> (default
+bench/out/dmd2_sweep, gitignored); a run whose metrics.json exists is skipped. K (--steps) is 1
+unless given; a K-step sweep writes its own dmd2_sweep[-cond]-K<K>.json and .md. Settings change one thing from the
 recipe (dmd2_ddil.py's defaults at --steps 1) unless their name says otherwise. Per run:
-    fd       the final FD of G at K = 1 on 2000 samples (metrics.json)
+    fd       the final FD of G at K on 2000 samples (metrics.json)
     teacher  the 64-step teacher's FD, same seed and protocol; ratio = fd / teacher
     curve    FD on 1000 samples every 500 iterations (the same noise each time)
     noise    the sd of FD over 4 independent 1000-sample sets of the final G: the curve's noise
@@ -52,6 +54,7 @@ class Config:
     settings: str = H.flag(",".join(SETTINGS), "A comma-separated subset of SETTINGS.")
     seeds: list = H.flag([0], "The seeds of every setting.")
     iters: int = H.flag(4000, "Training iterations of every run.")
+    steps: int = H.flag(1, "K, G's sampling steps, in every run.")
     out: str = H.flag("bench/results", "Where dmd2_sweep.json and .md go.")
     runs_dir: str = H.flag("bench/out/dmd2_sweep", "The runs' folder.")
     lab: str = H.flag("uncond", "uncond, or cond (--cond --guidance 2, as bench/results.py).",
@@ -60,11 +63,12 @@ class Config:
 
 
 def run_name(cfg, setting, seed):
-    return f"{'' if cfg.lab == 'uncond' else 'cond-'}{setting}-s{seed}"
+    k = f"-K{cfg.steps}" if cfg.steps != 1 else ""
+    return f"{'' if cfg.lab == 'uncond' else 'cond-'}{setting}{k}-s{seed}"
 
 
 def argv_of(cfg, setting, seed):
-    return [sys.executable, "dmd2_ddil.py", "--steps", "1", "--iters", str(cfg.iters),
+    return [sys.executable, "dmd2_ddil.py", "--steps", str(cfg.steps), "--iters", str(cfg.iters),
             "--eval-every", "500", "--eval-every-samples", str(CURVE_SAMPLES),
             *R.LABS[cfg.lab]["dmd2"], *SETTINGS[setting], "--seed", str(seed),
             "--out", os.path.join(cfg.runs_dir, run_name(cfg, setting, seed))]
@@ -76,7 +80,7 @@ def curve_noise(run_dir):
     if os.path.isfile(path):
         return R.read_json(path)["sd"]
     net, kind, ck = load_net(os.path.join(run_dir, "ckpt.pt"))
-    fds = [E.evaluate_net(net, kind, 1, CURVE_SAMPLES, seed=5000 + i,
+    fds = [E.evaluate_net(net, kind, ck["steps"], CURVE_SAMPLES, seed=5000 + i,
                           w=E.checkpoint_w(net, ck)[1])[0]["fd"] for i in range(NOISE_SETS)]
     H.write_json({"fds": fds, "sd": statistics.stdev(fds)}, path)
     return statistics.stdev(fds)
@@ -88,18 +92,20 @@ def row(cfg, setting, seed):
     curve = R.fd_curve(os.path.join(d, "log.jsonl"))
     noise = curve_noise(d)
     last = [fd for _, fd in curve[-3:]]
-    fd, teacher = m["student"]["1"]["fd"], m["teacher"]["64"]["fd"]
+    g = m["student"][str(cfg.steps)]
+    fd, teacher = g["fd"], m["teacher"]["64"]["fd"]
     return {"setting": setting, "seed": seed, "fd": fd, "teacher": teacher, "ratio": fd / teacher,
-            "fd_teacher": m["student"]["1"].get("fd_teacher"), "curve": curve, "noise": noise,
+            "fd_teacher": g.get("fd_teacher"), "curve": curve, "noise": noise,
             "settled": len(last) == 3 and max(last) - min(last) <= 2 * noise,
-            "precision": m["student"]["1"].get("precision"), "recall": m["student"]["1"].get("recall"),
+            "precision": g.get("precision"), "recall": g.get("recall"),
             "floor_fd_teacher": (m.get("teacher_ref") or {}).get("floor_fd"),
             "train_time_s": m.get("train_time_s")}
 
 
 def table_md(res):
-    lines = [f"# DMD2 one-step sweep on digits ({res['lab']} lab)", "",
-             f"`{res['command']}` ({res['date']}). FD of G at K = 1 on 2000 samples against the "
+    k = res.get("steps", 1)
+    lines = [f"# DMD2 {'one-step' if k == 1 else f'{k}-step'} sweep on digits ({res['lab']} lab)",
+             "", f"`{res['command']}` ({res['date']}). FD of G at K = {k} on 2000 samples against the "
              f"64-step teacher's on the same seed and protocol; curve: FD on {CURVE_SAMPLES} "
              f"samples every 500 iterations; noise: sd of that FD over {NOISE_SETS} sample sets; "
              "settled: the last three points within 2 noise.", "",
@@ -133,7 +139,7 @@ def plot(res, path):
         ax.axhline(statistics.fmean(teachers), color="k", ls="--", lw=1,
                    label="teacher, 64 steps (final evaluation's n)")
     ax.set(yscale="log", xlabel="iteration", ylabel=f"FD ({CURVE_SAMPLES} samples)",
-           title="DMD2, one step, digits")
+           title=f"DMD2, {res.get('steps', 1)} step(s), digits")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path)
@@ -147,7 +153,8 @@ def main(argv=None):
     command = "python bench/dmd2_sweep.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     print(f"command: {command}", flush=True)
     cfg.runs_dir, cfg.out = os.path.abspath(cfg.runs_dir), os.path.abspath(cfg.out)
-    name = "dmd2_sweep" + ("" if cfg.lab == "uncond" else "-cond")
+    name = ("dmd2_sweep" + ("" if cfg.lab == "uncond" else "-cond")
+            + ("" if cfg.steps == 1 else f"-K{cfg.steps}"))
     path = os.path.join(cfg.out, name + ".json")
     fresh, failed = {}, []
     for seed in cfg.seeds:
@@ -174,7 +181,8 @@ def main(argv=None):
     rows = [kept[k] for k in sorted(kept, key=lambda k: (order.index(k[0]) if k[0] in order
                                                         else len(order), k[1]))]
     res = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "lab": cfg.lab, "iters": cfg.iters, "settings": {s: SETTINGS[s] for s in SETTINGS},
+           "lab": cfg.lab, "steps": cfg.steps, "iters": cfg.iters,
+           "settings": {s: SETTINGS[s] for s in SETTINGS},
            "rows": rows, "failed": failed, "wall_s": time.time() - t0}
     os.makedirs(cfg.out, exist_ok=True)
     H.write_json(res, path)

@@ -11,11 +11,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import dmd2_sweep as W  # noqa: E402
 
 
-def fake_run(runs, name, fd, teacher, curve, noise):
+def fake_run(runs, name, fd, teacher, curve, noise, k=1):
     d = runs / name
     d.mkdir(parents=True, exist_ok=True)
     (d / "metrics.json").write_text(json.dumps({
-        "student": {"1": {"fd": fd, "fd_teacher": 2 * fd, "precision": 0.8, "recall": 0.9}},
+        "student": {str(k): {"fd": fd, "fd_teacher": 2 * fd, "precision": 0.8, "recall": 0.9}},
         "teacher": {"64": {"fd": teacher}}, "teacher_ref": {"floor_fd": 0.06},
         "train_time_s": 10.0}))
     (d / "log.jsonl").write_text("".join(json.dumps({"step": s, "fd": v}) + "\n" for s, v in curve)
@@ -58,3 +58,16 @@ def test_sweeps_side_by_side_keep_each_others_rows(tmp_path, monkeypatch):
     res = W.main(["--seeds", "0", *args])
     assert [(r["setting"], r["seed"], r["fd"]) for r in res["rows"]] == [("recipe", 0, 0.16),
                                                                          ("recipe", 1, 0.12)]
+
+
+def test_a_k_step_sweep_reads_its_own_runs_and_files(tmp_path):
+    """--steps 4 reads the K = 4 runs (-K4 in their names) at K = 4, into its own json/md."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    fake_run(runs, "recipe-s0", 0.16, 0.04, [(500, 0.2)], 0.02)  # a one-step run beside it
+    fake_run(runs, "recipe-K4-s0", 0.06, 0.04, [(500, 0.2), (1000, 0.07)], 0.02, k=4)
+    res = W.main(["--no-run", "--steps", "4", "--settings", "recipe", "--runs-dir", str(runs),
+                  "--out", str(out)])
+    assert [(r["fd"], r["ratio"]) for r in res["rows"]] == [(0.06, pytest.approx(1.5))]
+    assert W.argv_of(W.H.parse_config(W.Config, ["--steps", "4"]), "recipe", 0)[2:4] == ["--steps", "4"]
+    assert "sweep on digits" in (out / "dmd2_sweep-K4.md").read_text()
+    assert "K = 4" in (out / "dmd2_sweep-K4.md").read_text() and not (out / "dmd2_sweep.json").exists()
