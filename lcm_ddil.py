@@ -18,7 +18,9 @@ DDIL: each batch mixes, round(B beta) states each,
     data     x_t = alpha x0 + sigma eps at random grid times (a fresh w per state),
     teacher  the teacher's own DDIM trajectory on the training grid (N steps at the state's w),
              kept at the K sampling times tau_i,
-    student  S's own multistep sampler, kept at the tau_i,
+    student  S's own multistep sampler, kept at the tau_i (--student-states grid: each carried
+             on by the teacher's DDIM to the grid times above tau_{i+1}, so that own states
+             reach every t_n the consistency chain links; an own-only student needs them),
 the rollouts served through replay buffers that keep every state's (t, y, w).
 Multistep sampling at tau_i = 1 - (i-1)/K:
     x0_hat = bound(f_S(x, tau_i)),   x = alpha x0_hat + sigma z.
@@ -64,6 +66,13 @@ class Config(H.DistillConfig):
                           "teacher (the student is evaluated at the middle of the range).")
     w_max: float = H.flag(3.0, "Highest guidance weight; --w-max 0 is CD's unguided setting "
                           "(then --w-min is ignored).")
+    student_states: str = H.flag("taus", "The student's own states trained on: taus, its states "
+                                 "at the K sampling times (DDIL's); or grid, each carried on by "
+                                 "the teacher's DDIM along the training grid to the next sampling "
+                                 "time, so that the own states reach every grid time the "
+                                 "consistency chain links (trained on the tau_i alone, an "
+                                 "own-only student never trains its targets' times t_{n-1}).",
+                                 choices=("taus", "grid"))
     # the shared flags' defaults for LCM on digits
     iters: int = 800
     batch_size: int = 128
@@ -175,10 +184,12 @@ def teacher_rollout(teacher, x1, y, w, *, steps, grid, bound):
 
 
 @torch.no_grad()
-def student_rollout(student, x1, y, w, *, steps, bound, expert=None, grid=0, p=0.0):
+def student_rollout(student, x1, y, w, *, steps, bound, expert=None, grid=0, p=0.0, fill=False):
     """The student's own K-step sampler (re-noising) from noise x1: its states at tau_1..tau_K.
     With p > 0 each step is, with probability p, the expert's own action from that state (its
-    DDIM on the training grid down to the next tau: --rollout-teacher-p, DAgger's mixture)."""
+    DDIM on the training grid down to the next tau: --rollout-teacher-p, DAgger's mixture).
+    fill: each own state at tau_i is carried on by the expert's DDIM along the training grid
+    to the grid time just above tau_{i+1}, giving states at all N grid times t_N..t_1."""
     taus, fine, sub = C.time_grid(steps), C.time_grid(grid or steps), (grid or steps) // steps
     noises = [torch.randn_like(x1) for _ in range(steps)]
 
@@ -191,7 +202,14 @@ def student_rollout(student, x1, y, w, *, steps, bound, expert=None, grid=0, p=0
         return C.ddim_sample(denoise, x, fine[i * sub:(i + 1) * sub + 1], bound=bound)
 
     states = C.dagger_rollout(x1, steps - 1, own_step, expert_step, p)
-    return C.trajectory(states, taus[:-1], y, w)
+    if not fill:
+        return C.trajectory(states, taus[:-1], y, w)
+    filled = []  # from tau_i along fine[i sub .. (i+1) sub - 1], the grid times above tau_i+1
+    for i, x in enumerate(states):
+        x_end, visited = C.ddim_sample(C.guided(expert, y, w), x, fine[i * sub:(i + 1) * sub],
+                                       bound=bound, return_states=True)
+        filled += visited + [x_end]
+    return C.trajectory(filled, fine[:-1], y, w)
 
 
 # ---- one training step ------------------------------------------------------------------------
@@ -277,7 +295,8 @@ def main(argv=None):
 
     def student_source(n):  # the student's own K-step sampler, DAgger-mixed with the teacher
         return student_rollout(student, *new_trajectories(n), steps=K, bound=cfg.sample_bound,
-                               expert=teacher, grid=N, p=cfg.rollout_teacher_p)
+                               expert=teacher, grid=N, p=cfg.rollout_teacher_p,
+                               fill=cfg.student_states == "grid")
 
     protocol = dict(dataset=cfg.dataset, bound=cfg.sample_bound, seed=cfg.seed, device=device,
                     data_dir=cfg.data_dir, w=w_eval, inception_weights=cfg.inception_weights)
@@ -293,7 +312,8 @@ def main(argv=None):
         x, t, y, w, src = C.cat_states(
             data_states(x0[:n_data], y0[:n_data], guidance_weights(n_data, *w_range, device), N),
             C.replay(buffers["teacher"], teacher_source, n_teacher, refresh, K),
-            C.replay(buffers["student"], student_source, n_student, refresh, K))
+            C.replay(buffers["student"], student_source, n_student, refresh,
+                     N if cfg.student_states == "grid" else K))
         losses = train_step(net, student, target, teacher, opt, x, t, y if nc else None, w, cfg)
         step += 1
         train_time += time.time() - t0

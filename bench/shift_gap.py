@@ -62,7 +62,12 @@ REGIMES = {"base": [],
            "short": {"pd": ["--iters-per-stage", "25"], "lcm": ["--iters", "125"],
                      "dmd2": ["--iters", "300"]},
            # a student that cannot copy its teacher: half its channels, fitted to its v first
-           "narrow": ["--student-width", "0.5", "--head-warmup", "1000"]}
+           "narrow": ["--student-width", "0.5", "--head-warmup", "1000"],
+           # LCM's own states carried on by the teacher to every grid time: an own-only student
+           # then trains the whole consistency chain (at the tau_i alone it collapses)
+           "own-grid": {"lcm": ["--student-states", "grid"]}}
+ROLLOUT_ONLY = {"own-grid"}  # regimes whose flags act only on the student's own rollouts: an arm
+# without them (beta_student = 0) is the same run as the base regime's, and shares it
 
 
 @dataclass
@@ -106,9 +111,11 @@ def plan(cfg):
                     arms = {}
                     for arm, betas in ARMS.items():
                         spec = (lab, method, k, betas, "none", 0.0, seed)
-                        name = R.run_name(*spec) + suffix
+                        flags = extra.get(method, []) if isinstance(extra, dict) else extra
+                        shared = cfg.regime in ROLLOUT_ONLY and (betas[2] == 0 or not flags)
+                        name = R.run_name(*spec) + ("" if shared else suffix)
                         arms[arm] = name
-                        runs[name] = (spec, extra.get(method, []) if isinstance(extra, dict) else extra)
+                        runs[name] = (spec, [] if shared else flags)
                     cells[(lab, method, k, seed)] = arms
     return cells, runs
 

@@ -287,6 +287,33 @@ def test_rollout_teacher_p_one_is_the_teachers_own_trajectory():
     assert torch.equal(x_p0, x_own) and not torch.allclose(x_p0[3:], x_t[3:], atol=1e-3)
 
 
+def test_grid_fill_carries_each_own_state_on_with_the_teacher_to_every_grid_time():
+    """--student-states grid: the own states at tau_i stay, and between them the teacher's DDIM
+    from each fills the grid times above tau_i+1; with p = 1 the whole is the teacher's own
+    trajectory on the grid."""
+    teacher = random_unet(3, num_classes=3).requires_grad_(False)
+    student = random_unet(4, num_classes=3, w_embed=True)
+    m, x1, y, w = 3, torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2]), torch.tensor([1.0, 2.0, 3.0])
+    kw = dict(steps=2, bound="reflect", expert=teacher, grid=8)
+    torch.manual_seed(1)
+    x, t, yy, ww = L.student_rollout(student, x1, y, w, fill=True, **kw)
+    torch.manual_seed(1)
+    own = L.student_rollout(student, x1, y, w, **kw)[0]
+    assert t.tolist() == [1 - n / 8 for n in range(8) for _ in range(m)]
+    assert yy.tolist() == y.tolist() * 8 and ww.tolist() == w.tolist() * 8
+    assert torch.equal(x[:m], x1) and torch.equal(x[4 * m:5 * m], own[m:])  # the own states
+    z = own[m:]  # from the own state at 1/2, the teacher's guided DDIM down to 1/8
+    with torch.no_grad():
+        for n in range(4, 7):
+            tt, ss = torch.full((m,), 1 - n / 8), torch.full((m,), 1 - (n + 1) / 8)
+            a, sg = (C.bcast(c, z) for c in C.alpha_sigma(tt))
+            z = ddim_step(z, C.reflect(a * z - sg * cfg_v(teacher, z, tt, y, w)), tt, ss)
+            torch.testing.assert_close(x[(n + 1) * m:(n + 2) * m], z, atol=1e-5, rtol=1e-4)
+    x_t = L.teacher_rollout(teacher, x1, y, w, steps=8, grid=8, bound="reflect")[0]
+    x_p1 = L.student_rollout(student, x1, y, w, fill=True, p=1.0, **kw)[0]
+    torch.testing.assert_close(x_p1, x_t, atol=1e-5, rtol=1e-4)
+
+
 def test_w_max_zero_alone_is_the_unguided_setting():
     """--w-max 0 is CD's unguided setting whatever --w-min (default 1); a real range must be
     ordered."""

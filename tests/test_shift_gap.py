@@ -128,3 +128,20 @@ def test_smoke_end_to_end(tiny_teacher, tmp_path):
     shutil.rmtree(tmp_path / "runs")
     fresh = S.main(argv + ["--no-run"])
     assert fresh["rows"] == res["rows"] and fresh["measured"] == 2
+
+
+def test_a_rollout_only_regime_shares_the_runs_it_cannot_change():
+    """own-grid acts on LCM's own rollouts only: LCM's data-only arm, and every PD arm, are the
+    base regime's runs (same names, no flags); LCM's arms with own states get the flags and
+    their own names; a regime of every run (k8) renames every arm."""
+    cfg = S.H.parse_config(S.Config, ["--regime", "own-grid", "--only", "pd,lcm", "--lab", "uncond",
+                                      "--ks", "4", "--seeds", "0"])
+    cells, runs = S.plan(cfg)
+    lcm, pd = cells[("uncond", "lcm", 4, 0)], cells[("uncond", "pd", 4, 0)]
+    assert lcm["data-only"] == "uncond-lcm-K4-b1_0_0-none-s0" and runs[lcm["data-only"]][1] == []
+    for arm in ("+DDIL", "own-only"):
+        assert lcm[arm].endswith("-s0-own-grid")
+        assert runs[lcm[arm]][1] == ["--student-states", "grid"]
+    assert all(not name.endswith("own-grid") and runs[name][1] == [] for name in pd.values())
+    cfg.regime = "k8"
+    assert all(name.endswith("-k8") for name in S.plan(cfg)[0][("uncond", "pd", 4, 0)].values())
