@@ -293,6 +293,8 @@ def main(argv=None):
         return teacher_rollout(teacher, *new_trajectories(n), steps=K, grid=N,
                                bound=cfg.sample_bound)
 
+    own_len = N if cfg.student_states == "grid" else K  # states per own trajectory
+
     def student_source(n):  # the student's own K-step sampler, DAgger-mixed with the teacher
         return student_rollout(student, *new_trajectories(n), steps=K, bound=cfg.sample_bound,
                                expert=teacher, grid=N, p=cfg.rollout_teacher_p,
@@ -312,8 +314,7 @@ def main(argv=None):
         x, t, y, w, src = C.cat_states(
             data_states(x0[:n_data], y0[:n_data], guidance_weights(n_data, *w_range, device), N),
             C.replay(buffers["teacher"], teacher_source, n_teacher, refresh, K),
-            C.replay(buffers["student"], student_source, n_student, refresh,
-                     N if cfg.student_states == "grid" else K))
+            C.replay(buffers["student"], student_source, n_student, refresh, own_len))
         losses = train_step(net, student, target, teacher, opt, x, t, y if nc else None, w, cfg)
         step += 1
         train_time += time.time() - t0
