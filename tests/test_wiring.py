@@ -218,6 +218,18 @@ def test_lcm_wiring(request, tmp_path, monkeypatch, cond):
         assert c["p"] == cfg["rollout_teacher_p"] > 0
 
 
+def test_lcm_student_states_grid_reaches_the_buffer(request, tmp_path, monkeypatch):
+    """--student-states grid: the student source asks for the filled rollout, and the student's
+    buffer then holds own states at grid times between the sampling times (default: only at them)."""
+    calls = []
+    spy(monkeypatch, L, "student_rollout", calls)
+    ck = run(L, request, tmp_path, False, "--steps", "2", "--grid", "8", "--iters", "2",
+             "--refresh-every", "1", "--student-states", "grid")
+    assert calls and all(c["fill"] for c in calls)
+    t = ck["buffers"]["student"]["t"][:int(ck["buffers"]["student"]["size"])]
+    assert {round(8 * float(v)) for v in t} - {8, 4}  # 7/8, 6/8, ...: not only tau = 1, 1/2
+
+
 # ---- DMD2 -------------------------------------------------------------------------------------
 
 def dmd2_bound(cfg, caller):
