@@ -175,6 +175,19 @@ def errors(student, kind, K, i, x, y, w, label, bound, noises, features):
     return px.double(), feat.double()
 
 
+END_KEYS = ("fd", "fd_teacher", "paired_px")  # each run's own final evaluation at its K
+
+
+def end_metrics(cfg, arms, K):
+    """{arm: {key: value}} of the arms' final evaluations (metrics.json) at K: FD, FD against the
+    teacher's samples and the paired pixel error from the same noise (end to end, from noise)."""
+    out = {}
+    for arm, name in arms.items():
+        m = R.read_json(os.path.join(cfg.runs_dir, name, "metrics.json"))
+        out[arm] = {key: R.value(m, key, K) for key in END_KEYS}
+    return out
+
+
 def measure(cfg, cell, arms, device):
     """One seed-cell: every arm's mean errors on both sets at each tau_i < 1, and state_fd with its
     floor. Cached under <runs-dir>/shift_gap/ by the students' weights."""
@@ -186,7 +199,7 @@ def measure(cfg, cell, arms, device):
     if os.path.isfile(path):
         cached = R.read_json(path)
         if cached.get("digests") == digests and cached.get("version") == VERSION:
-            return cached
+            return {**cached, "end": end_metrics(cfg, arms, K)}
     teacher_path = cfg.teacher_cond if lab == "cond" else cfg.teacher
     teacher = T.load_teacher(teacher_path, "digits", device, cond=lab == "cond",
                              data_dir=cfg.data_dir)
@@ -224,7 +237,7 @@ def measure(cfg, cell, arms, device):
     m = R.read_json(os.path.join(cfg.runs_dir, arms[BASELINE_ARM[method]], "metrics.json"))
     res["old_ratio"] = (m.get("covariate_shift") or {}).get("ratio")
     H.write_json(res, path)
-    return res
+    return {**res, "end": end_metrics(cfg, arms, K)}
 
 
 def committed(path, cfg):
@@ -268,6 +281,27 @@ def aggregate(cells, measured):
     return rows
 
 
+def end_rows(measured):
+    """Per (lab, method, K) and END_KEYS: data-only's mean and the gains data-only - +DDIL and
+    data-only - own-only (positive: the arm is closer), paired by seed over the seeds that have
+    them."""
+    groups, rows = {}, []
+    for cell, m in sorted(measured.items()):
+        if m.get("end"):
+            groups.setdefault(tuple(cell[:3]), []).append(m["end"])
+    for (lab, method, K), ends in groups.items():
+        for key in END_KEYS:
+            ok = [e for e in ends if all(R.finite(e[a][key]) for a in ARMS)]
+            if not ok:
+                continue
+            base = [e["data-only"][key] for e in ok]
+            rows.append({"lab": lab, "method": method, "K": K, "key": key, "seeds": len(ok),
+                         "data-only": R.spread(base),
+                         "ddil_gain": R.paired_ci(base, [e["+DDIL"][key] for e in ok]),
+                         "own_gain": R.paired_ci(base, [e["own-only"][key] for e in ok])})
+    return rows
+
+
 def ci_md(c, scale):
     if not c:
         return "–"
@@ -305,6 +339,19 @@ def table_md(res):
                 cols += [f"{fd['mean']:.3g} / {fl['mean']:.3g}" if fd and fl else "–",
                          f"{ratio['mean']:.2f}" if ratio else "–"]
             lines.append("| " + " | ".join(cols) + " |")
+        lines.append("")
+    if res.get("end_rows"):
+        lines += ["## End to end: each student's own samples from noise, at its K", "",
+                  "Its final evaluation (metrics.json): FD against data, FD against the teacher's "
+                  "samples, and the pixel MSE x 1e3 to the teacher's sample from the same noise. "
+                  "Gain = data-only − the arm (positive: the arm is closer), paired by seed.", "",
+                  "| lab | method | K | metric | seeds | data-only | DDIL gain | own-only gain |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in res["end_rows"]:
+            scale = 1e3 if r["key"] == "paired_px" else 1
+            lines.append(f"| {r['lab']} | {r['method']} | {r['K']} | {r['key']} | {r['seeds']} | "
+                         f"{r['data-only']['mean'] * scale:.4g} | {ci_md(r['ddil_gain'], scale)} | "
+                         f"{ci_md(r['own_gain'], scale)} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -386,7 +433,7 @@ def main(argv=None):
            "budget": cfg.budget, "regime": cfg.regime, "regime_flags": REGIMES[cfg.regime],
            "n": cfg.n, "seeds": cfg.seeds, "cells": len(set(cells) | set(measured)),
            "measured": len(measured), "rows": aggregate(sorted(set(cells) | set(measured)), measured),
-           "failed": failed,
+           "end_rows": end_rows(measured), "failed": failed,
            "per_seed": [measured[c] for c in sorted(measured)]}
     res["wall_s"] = time.time() - t0
     os.makedirs(cfg.out, exist_ok=True)

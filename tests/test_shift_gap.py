@@ -120,6 +120,16 @@ def test_smoke_end_to_end(tiny_teacher, tmp_path):
     cached = json.loads((tmp_path / "runs" / "shift_gap" /
                          "uncond-pd-K2-b1_0_0-none-s0-n32.json").read_text())
     assert cached["t"] == [0.5] and set(cached["digests"]) == set(S.ARMS)
+    # end to end: each arm's own final evaluation, data-only minus the arm, paired by seed
+    fd = next(r for r in res["end_rows"] if r["key"] == "fd")
+    runs = tmp_path / "runs"
+
+    def fd_of(name):
+        return json.loads((runs / name / "metrics.json").read_text())["student"]["2"]["fd"]
+    want = [fd_of(f"uncond-pd-K2-b1_0_0-none-s{s}") - fd_of(f"uncond-pd-K2-b0_0_1-none-s{s}")
+            for s in (0, 1)]
+    assert fd["seeds"] == 2 and fd["own_gain"]["mean"] == pytest.approx(sum(want) / 2)
+    assert "## End to end" in (tmp_path / "out" / "shift_gap.md").read_text()
     # a rerun measures nothing again and gives the same rows; so does a fresh checkout, which
     # has the committed results but not the runs
     again = S.main(argv + ["--no-run"])
