@@ -243,10 +243,13 @@ def check_same_run(cfg, ckpt_path):
     except Exception as e:
         fail(f"{ckpt_path} cannot be resumed ({type(e).__name__}: {str(e).splitlines()[0][:120]}"
              f"); pass a fresh --out")
+    defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(cfg)}
     for name, value in dataclasses.asdict(cfg).items():
-        if name in MAY_CHANGE_ON_RESUME or name not in saved or saved[name] == value:
+        # a flag newer than the checkpoint: it was trained as the flag's default
+        was = saved.get(name, defaults[name])
+        if name in MAY_CHANGE_ON_RESUME or was == value:
             continue
-        was = saved[name]
         fail(f"{ckpt_path} was trained with --{name.replace('_', '-')} {was}, not {value}: rerun "
              f"with the same flags to resume it, or pass a fresh --out for this run")
 

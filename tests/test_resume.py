@@ -3,9 +3,11 @@ changes training (priors, bounds, rollouts, guidance, schedule, batch, lr, seed,
 differing from the checkpoint's config stops with one line before anything is written, and
 config.json and the checkpoint stay as they were. Flags that may change (harness.
 MAY_CHANGE_ON_RESUME: counts, device, --iters) resume."""
+import dataclasses
 import os
 
 import pytest
+import torch
 
 import dmd2_ddil
 import harness as H
@@ -60,3 +62,15 @@ def test_the_teacher_refuses_another_run_too(tmp_path):
     with pytest.raises(SystemExit, match="--ema"):
         teacher.main(argv + ["--ema", "0.9"])
     assert files(out) == before
+
+
+def test_a_flag_newer_than_the_checkpoint_resumes_only_at_its_default(tmp_path):
+    """A checkpoint written before a flag existed was trained as the flag's default: resuming it
+    at that default continues; at another value stops (it would continue another run)."""
+    cfg = H.parse_config(lcm_ddil.Config, [])
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "student_states"}
+    path = str(tmp_path / "ckpt.pt")
+    torch.save({"config": old}, path)
+    H.check_same_run(cfg, path)
+    with pytest.raises(SystemExit, match="--student-states taus, not grid"):
+        H.check_same_run(H.parse_config(lcm_ddil.Config, ["--student-states", "grid"]), path)
