@@ -22,6 +22,9 @@ three methods, against the teacher's sample rather than a method's own training 
 each paired by seed with a 95% interval (bench/results.paired_ci). state_fd is the Frechet
 distance of the own states from a diffused-data set drawn independently of both (pixels),
 beside its floor: the data states against that same set. At t = 1 both sets are the same noise: not reported.
+End to end, beside them: each arm's own final evaluation at K (FD, FD against the teacher's
+samples, the pixel error to the teacher's sample from the same noise), data-only minus the arm,
+paired by seed.
 
     python bench/shift_gap.py --lab uncond --only pd,lcm         # runs what is missing, then writes
     python bench/shift_gap.py --no-run                           # aggregate what is there
@@ -29,7 +32,9 @@ beside its floor: the data states against that same set. At t = 1 both sets are 
 
 The runs are bench/results.py's (same names, budget and --runs-dir, default bench/out/full): the
 data-only / +DDIL (PD, LCM) and own-only / +DDIL (DMD2) runs are its baseline and +DDIL cells, so
-one benchmark feeds the other. A regime adds its flags to every run and its name to the run names.
+one benchmark feeds the other. A regime adds its flags to every run and its name to the run names;
+a rollout-only regime (ROLLOUT_ONLY: own-grid) only to the arms with own states, the others
+being the base regime's runs.
 Outputs: bench/results/shift_gap[-<regime>].json and .md; per seed-cell measurements are cached
 in <runs-dir>/shift_gap/ (recomputed when a student's weights change).
 """
