@@ -9,8 +9,8 @@ curves to convergence, against the 64-step teacher on the same seeds and protoco
 Each run is `python dmd2_ddil.py --steps K --iters ITERS --eval-every 500 --eval-every-samples
 1000 <setting's flags> --seed S` into <runs-dir>/[cond-]<setting>[-K<K>]-s<S> (default
 bench/out/dmd2_sweep, gitignored); a run whose metrics.json exists is skipped. K (--steps) is 1
-unless given; a K-step sweep writes its own dmd2_sweep[-cond]-K<K>.json and .md. Settings change one thing from the
-recipe (dmd2_ddil.py's defaults at --steps 1) unless their name says otherwise. Per run:
+unless given; a K-step sweep writes its own dmd2_sweep[-cond]-K<K>.json and .md. Settings change
+one thing from the recipe (dmd2_ddil.py's defaults) unless their name says otherwise. Per run:
     fd       the final FD of G at K on 2000 samples (metrics.json)
     teacher  the 64-step teacher's FD, same seed and protocol; ratio = fd / teacher
     curve    FD on 1000 samples every 500 iterations (the same noise each time)
@@ -105,7 +105,8 @@ def row(cfg, setting, seed):
 def table_md(res):
     k = res.get("steps", 1)
     lines = [f"# DMD2 {'one-step' if k == 1 else f'{k}-step'} sweep on digits ({res['lab']} lab)",
-             "", f"`{res['command']}` ({res['date']}). FD of G at K = {k} on 2000 samples against the "
+             "", f"`{res['command']}` ({res['date']}). FD of G at K = {k} on 2000 samples "
+             "against the "
              f"64-step teacher's on the same seed and protocol; curve: FD on {CURVE_SAMPLES} "
              f"samples every 500 iterations; noise: sd of that FD over {NOISE_SETS} sample sets; "
              "settled: the last three points within 2 noise.", "",

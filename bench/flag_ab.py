@@ -100,7 +100,8 @@ def rows_of(by_seed):
 
 def table_md(res):
     lines = [f"# A/B: `{res['flags']}` on {res['cell']}", "",
-             f"`{res['command']}` ({res['date']}). A: the benchmark's runs of the cell; B: the same "
+             f"`{res['command']}` ({res['date']}). A: the benchmark's runs of the cell; "
+             "B: the same "
              f"with `{res['flags']}`. Mean paired difference B - A over the seeds where both "
              "finished, with its 95% interval.", "",
              "| metric | A (mean) | B (mean) | B - A [95% CI] | seeds |", "|---|---|---|---|---|"]
