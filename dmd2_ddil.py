@@ -57,11 +57,12 @@ Choices and deviations (DMD2 code: tianweiy/DMD2):
   G's sample and the teacher's DDIM sample from the same x_t (teacher_substeps steps per student
   step down to 0): G is trained to sample, so the teacher's *sample* from that state, not its
   one-step x0 mean, is the label it should imitate.
-- --fake-states own (default all, DMD2's): with DDIL's data states in G's batch, mu_fake and D
+- --fake-states own (default; all is DMD2's): with DDIL's data states in G's batch, mu_fake and D
   learn only G's outputs from its own states (topped up from their buffer): the distribution the
   DM gradient must correct is G's sampling distribution, not a mixture half made of near-copies
   of data. Guided lab, K = 4, +DDIL, 5 paired seeds: FD -0.17 [-0.21, -0.12] against all
-  (bench/flag_ab.py, bench/results/ab-fake-own.md).
+  (bench/flag_ab.py, bench/results/ab-fake-all.md). With G's own states alone (DMD2's betas, and
+  every K = 1 run) the two are the same.
 - --ema-decay (default 0, as DMD2) evaluates and saves an EMA of G; the backward simulation
   still runs G itself (DMD2's definition: G's inputs are its own samples).
 - The full list against DMD2's code and paper: docs/deviations.md.
@@ -106,12 +107,13 @@ class Config(H.DistillConfig):
                               "loss draws its noise level from (DMD2: 2%).")
     dm_max_step: int = H.flag(980, "Highest index of that grid for the DM loss (DMD2: 98%).")
     weight_decay: float = H.flag(0.01, "AdamW's decoupled weight decay of G, mu_fake and D.")
-    fake_states: str = H.flag("all", "Whose outputs mu_fake (and D) learn from: all of G's "
-                              "outputs in the batch (DMD2: its inputs are all its own states), or "
-                              "own: only G's outputs from its own states, topped up from their "
-                              "buffer, so that with DDIL's data states mu_fake still tracks G's "
-                              "sampling distribution, the one the DM gradient must correct.",
-                              choices=("all", "own"))
+    fake_states: str = H.flag("own", "Whose outputs mu_fake (and D) learn from: own, only G's "
+                              "outputs from its own states, topped up from their buffer, so that "
+                              "with DDIL's data states mu_fake still tracks G's sampling "
+                              "distribution, the one the DM gradient must correct; or all of G's "
+                              "outputs in the batch (DMD2's, whose inputs are all G's own states: "
+                              "the two differ only with DDIL's data or teacher states).",
+                              choices=("own", "all"))
     ema_decay: float = H.flag(0.0, "EMA decay of an averaged copy of G, updated at every G step, "
                               "that is evaluated and saved as the sampling network (0: none; "
                               "DMD2 evaluates G itself).")

@@ -7,8 +7,8 @@ on the same seeds. Per metric (FD, FD against the teacher's samples, precision, 
 cell's K), the mean paired difference B - A with its 95% interval (bench/results.paired_ci).
 
     python bench/flag_ab.py --lab cond --method dmd2 --k 4 --variant +DDIL \\
-        --flags "--fake-states own" --name fake-own        # mu_fake on G's own states only
-    python bench/flag_ab.py --name fake-own ... --no-run  # aggregate what is there
+        --flags "--fake-states all" --name fake-all        # mu_fake on all G's outputs (DMD2's)
+    python bench/flag_ab.py --name fake-all ... --no-run  # aggregate what is there
 
 Outputs: bench/results/ab-<name>.json and .md; a rerun resumes (finished runs are skipped, and a
 run made under other flags stops it, as in bench/results.py).
@@ -31,7 +31,7 @@ METRICS = ("fd", "fd_teacher", "precision", "recall")
 
 @dataclass
 class Config:
-    flags: str = H.flag("", "B's flags on top of the cell's, as one string: \"--fake-states own\".")
+    flags: str = H.flag("", "B's flags on top of the cell's, as one string: \"--fake-states all\".")
     name: str = H.flag("", "B's name: its runs are <A's run name>-<name>, its results "
                        "ab-<name>.json and .md.")
     lab: str = H.flag("cond", "The cell's lab.", choices=tuple(R.LABS))

@@ -73,6 +73,8 @@ against +DDIL (vs_ddil): that difference is the effect of the training bound, of
 A rerun checks itself against committed numbers (mean inside the committed [min, max] over seeds):
     python bench/results.py --runs-dir /tmp/rerun --out /tmp/rerun-results --check bench/results/results.json
 """
+import dataclasses
+import importlib
 import json
 import math
 import os
@@ -244,19 +246,25 @@ def teacher_missing(cfg, lab):
 PATHS = ("out", "data_dir", "teacher", "device")  # where a run lives, not what it measured
 
 
-def flags_of(argv):
-    """{config key: value string} of a script's argv (a flag without a value is a switch: "True")."""
-    flags, i = {}, 2  # argv[0:2]: python, the script
-    while i < len(argv):
-        has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-        flags[argv[i][2:].replace("-", "_")] = argv[i + 1] if has_value else "True"
-        i += 2 if has_value else 1
-    return flags
+def config_of(argv):
+    """The whole config.json a script's argv would write now: its flags and every default."""
+    module = importlib.import_module(os.path.splitext(os.path.basename(argv[1]))[0])
+    cfg = H.parse_config(module.Config, argv[2:], getattr(module, "PRESETS", None))
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def same_value(have, want):
+    if isinstance(have, (int, float)) and isinstance(want, (int, float)) and not isinstance(
+            have, bool) and not isinstance(want, bool):
+        return math.isclose(have, want)
+    return have == want
 
 
 def stale_runs(cfg, runs, argv_of=argv_of):
-    """The runs in --runs-dir whose config.json was written under other flags (another budget, an
-    older grid): "name: key was, now" lines. Run names encode only the grid's flags, not the budget.
+    """The runs in --runs-dir whose config.json differs from the one their command would write now
+    (another budget, an older grid, a default changed since): "name: key was, now" lines. Run names
+    encode only the grid's flags. A key the run's config.json lacks (a flag newer than the run) is
+    taken as its default, as a resume takes it (harness.check_same_run).
     argv_of(cfg, name, spec): each run's command (bench/shift_gap.py adds flags to it)."""
     stale = []
     for name, spec in runs.items():
@@ -264,14 +272,11 @@ def stale_runs(cfg, runs, argv_of=argv_of):
         if not os.path.isfile(path):
             continue
         config = read_json(path)
-        for key, want in flags_of(argv_of(cfg, name, spec)).items():
-            have = config.get(key)
-            if key in PATHS:
+        for key, want in config_of(argv_of(cfg, name, spec)).items():
+            if key in PATHS or key not in config or same_value(config[key], want):
                 continue
-            if not (str(have) == want if isinstance(have, (bool, str)) or have is None else
-                    math.isclose(float(have), float(want))):
-                stale.append(f"{name}: {key} {have}, now {want}")
-                break
+            stale.append(f"{name}: {key} {config[key]}, now {want}")
+            break
     return stale
 
 

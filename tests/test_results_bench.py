@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import results as R  # noqa: E402
+import lcm_ddil  # noqa: E402  (after results: it puts the root on sys.path)
 
 TS = [1.0, 0.75, 0.5, 0.25]
 
@@ -67,8 +68,11 @@ def test_plan_grid_and_flags():
         assert argv[-1] == os.path.join("x", name)
         f = {a: argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else True
              for i, a in enumerate(argv) if a.startswith("--")}
-        # the stale-run check reads the same flags by config key (a switch: "True")
-        assert R.flags_of(argv) == {a[2:].replace("-", "_"): "True" if v is True else v for a, v in f.items()}
+        # the stale-run check reads the whole config the command would write, flags by key
+        config = R.config_of(argv)
+        for a, v in f.items():
+            have = config[a[2:].replace("-", "_")]
+            assert have is True if v is True else R.same_value(have, type(have)(v))
         return f
     f = flags("uncond dmd2 K=4 baseline")
     assert (f["--beta-data"], f["--beta-teacher"], f["--beta-student"], f["--bound"]) == ("0", "0", "1", "none")
@@ -257,6 +261,13 @@ def test_smoke_two_runs_end_to_end(tiny_teacher, tmp_path, monkeypatch, capsys):
             assert 0 < os.path.getsize(tmp_path / "res" / name) < 100_000
     R.main(argv)  # a rerun resumes: nothing left to train (the runs' config.json match their flags)
     assert "2 runs, 2 already done, 0 to run" in capsys.readouterr().out
+    # a default changed since the runs were made, in a flag their command does not pass: stale too
+    field = lcm_ddil.Config.__dataclass_fields__["target_ema"]
+    monkeypatch.setattr(field, "default", 0.9)
+    with pytest.raises(SystemExit, match=r"2 runs in .* were made with other flags \(uncond-lcm-K2-b1_0_0-none-s0: "
+                                         r"target_ema 0.95, now 0.9, \.\.\.\): move them away"):
+        R.main(argv)
+    monkeypatch.setattr(field, "default", 0.95)
     # another budget for the same names: the finished runs are stale, not "already done"
     lcm = list(R.BUDGETS["smoke"]["lcm"])
     lcm[lcm.index("--iters") + 1] = "4"
