@@ -16,6 +16,10 @@ one thing from the recipe (dmd2_ddil.py's defaults) unless their name says other
     curve    FD on 1000 samples every 500 iterations (the same noise each time)
     noise    the sd of FD over 4 independent 1000-sample sets of the final G: the curve's noise
     settled  the last three curve points lie within 2 noise of each other
+    drift    the mean of the curve's last 5 points minus that of the 5 before (2500 iterations
+             each), with a 95% interval (Welch): a curve still falling has it below 0. The
+             curve's points share their noise, so their spread is G's own oscillation: a curve
+             can be flat (drift across 0) and not settled by the three-point test
 Outputs: bench/results/dmd2_sweep.json and .md (the table and, with matplotlib, the curves).
 """
 import os
@@ -86,6 +90,17 @@ def curve_noise(run_dir):
     return statistics.stdev(fds)
 
 
+def drift(curve, n=5):
+    """(mean of the last n FDs - mean of the n before, its 95% half-width); None for a curve of
+    fewer than 2n points (a shorter one would reach back into the first fall)."""
+    fds = [fd for _, fd in curve]
+    if len(fds) < 2 * n:
+        return None
+    a, b = fds[-2 * n:-n], fds[-n:]
+    se = (statistics.variance(a) / n + statistics.variance(b) / n) ** 0.5
+    return statistics.fmean(b) - statistics.fmean(a), R.T975[2 * n - 3] * se  # df 2n - 2
+
+
 def row(cfg, setting, seed):
     d = os.path.join(cfg.runs_dir, run_name(cfg, setting, seed))
     m = R.read_json(os.path.join(d, "metrics.json"))
@@ -97,6 +112,7 @@ def row(cfg, setting, seed):
     return {"setting": setting, "seed": seed, "fd": fd, "teacher": teacher, "ratio": fd / teacher,
             "fd_teacher": g.get("fd_teacher"), "curve": curve, "noise": noise,
             "settled": len(last) == 3 and max(last) - min(last) <= 2 * noise,
+            "drift": drift(curve),
             "precision": g.get("precision"), "recall": g.get("recall"),
             "floor_fd_teacher": (m.get("teacher_ref") or {}).get("floor_fd"),
             "train_time_s": m.get("train_time_s")}
@@ -109,17 +125,20 @@ def table_md(res):
              "against the "
              f"64-step teacher's on the same seed and protocol; curve: FD on {CURVE_SAMPLES} "
              f"samples every 500 iterations; noise: sd of that FD over {NOISE_SETS} sample sets; "
-             "settled: the last three points within 2 noise.", "",
+             "settled: the last three points within 2 noise; drift: mean of the last 5 points "
+             "minus the 5 before, 95% interval (a flat curve has it across 0).", "",
              "| setting | flags | seed | FD | teacher | ratio | FD vs teacher (floor) | precision / "
-             "recall | curve | noise | settled |", "|" + "---|" * 11]
+             "recall | curve | noise | settled | drift |", "|" + "---|" * 12]
     for r in res["rows"]:
         curve = " ".join(f"{fd:.3g}" for _, fd in r["curve"])
         ft = (f"{r['fd_teacher']:.3g} ({r['floor_fd_teacher']:.3g})"
               if r["fd_teacher"] is not None and r["floor_fd_teacher"] is not None else "–")
+        d = drift(r["curve"])
+        d = f"{d[0]:+.3f} ± {d[1]:.3f}" if d else "–"
         lines.append(f"| {r['setting']} | `{' '.join(SETTINGS.get(r['setting'], [])) or '(defaults)'}` | "
                      f"{r['seed']} | {r['fd']:.4f} | {r['teacher']:.4f} | {r['ratio']:.2f} | {ft} | "
                      f"{r['precision']:.2f} / {r['recall']:.2f} | {curve} | {r['noise']:.3f} | "
-                     f"{'yes' if r['settled'] else 'no'} |")
+                     f"{'yes' if r['settled'] else 'no'} | {d} |")
     return "\n".join(lines)
 
 

@@ -44,6 +44,23 @@ def test_rows_ratio_settled_and_the_committed_rows_kept(tmp_path):
     assert again["rows"][0]["fd"] == 0.16 and again["rows"][2]["settled"] is False
 
 
+def test_drift_reads_a_falling_curve_and_a_flat_one():
+    """The last 5 points against the 5 before (Welch, 95%): a still-falling curve has its
+    interval below 0, an oscillating flat one across 0; a curve under 2 x 5 points has none."""
+    falling = [(500 * i, 1.0 - 0.05 * i + 0.01 * (-1) ** i) for i in range(1, 11)]
+    d, half = W.drift(falling)
+    assert d == pytest.approx(-0.25 + 0.004) and d + half < 0  # (the alternation: +0.004)
+    flat = [(500 * i, 0.13 + 0.02 * (-1) ** i + 0.005 * (i % 3)) for i in range(1, 21)]
+    d, half = W.drift(flat)
+    assert abs(d) < half
+    # by hand: windows (0.12, 0.145, 0.155, 0.11, 0.15) and (0.115, 0.16, 0.11, 0.145, 0.155)
+    a, b = [fd for _, fd in flat[-10:-5]], [fd for _, fd in flat[-5:]]
+    assert d == pytest.approx(sum(b) / 5 - sum(a) / 5)
+    var = lambda x: sum((v - sum(x) / 5) ** 2 for v in x) / 4  # noqa: E731
+    assert half == pytest.approx(2.306 * ((var(a) + var(b)) / 5) ** 0.5)
+    assert W.drift(falling[:9]) is None and W.drift(falling[:6], n=3)[0] == pytest.approx(-0.15 + 0.02 / 3)
+
+
 def test_sweeps_side_by_side_keep_each_others_rows(tmp_path, monkeypatch):
     """Two sweeps of other seeds run at once: the one that ends last keeps the other's row."""
     runs, out = tmp_path / "runs", tmp_path / "out"
