@@ -8,7 +8,7 @@ K-step sampling re-noises in between, x_{tau_{i+1}} = alpha x0 + sigma z (common
 "renoise").
 
 Distribution matching (DMD) on G's sample x, per sample:
-    t = t(sigma_k), k ~ U{20..980} on EDM's 1000-level Karras grid,  x_t = alpha_t x + sigma_t eps
+    t = t_k, k ~ U{20..980} on a 1000-level noise grid,  x_t = alpha_t x + sigma_t eps
     p_real = x - x0_real(x_t),  p_fake = x - x0_fake(x_t)      (x0 of mu_real, mu_fake)
     grad   = (p_real - p_fake) / mean_CHW |p_real|
     L_DM   = 0.5 ||x - sg(x - grad)||^2            (so dL/dx = grad: the KL gradient, normalised)
@@ -39,12 +39,17 @@ Choices and deviations (DMD2 code: tianweiy/DMD2):
   clip, as published samplers) on the evaluated samples and on both rollouts, which so run as
   the samplers are evaluated (G's backward simulation is its evaluated K-step sampler).
 - The 1/2 ||.||^2 is a mean over elements as in DMD2's code, so the published GAN weights apply.
-- Noise levels as DMD2 draws them (karras_t): EDM's sigma is our sigma / alpha, so a level of its
-  Karras grid is a logsnr and so a t here. mu_fake keeps the teacher's own loss (v at
-  t ~ U[0, 1]) rather than EDM's: it should differ from the real score only where G's samples
-  differ from the data. The GAN's real images are the step's data batch. DDIL's data source
-  diffuses the images of an independent batch (were they the same, G's outputs from them would
-  be near-copies of the real images beside them in D's loss).
+- Noise levels as DMD2 draws them (grid_t): an index of a 1000-level grid, read as a logsnr and
+  so a t here. DMD2's ImageNet-64 code indexes EDM's Karras grid, its guided text-to-image code
+  its teacher's training timesteps. --noise-grid auto: the Karras grid unguided; guided, the
+  time grid (t = k / 999, our teachers' training times). The Karras grid puts 37% of the DM
+  levels below logsnr -4 (the time grid 7%), and with the guided real score G's modes collapse
+  there: one look per class (bench/results/ab-grid-karras.md).
+- mu_fake keeps the teacher's own loss (v at t ~ U[0, 1]) rather than EDM's: it should differ
+  from the real score only where G's samples differ from the data. The GAN's real images are the
+  step's data batch. DDIL's data source diffuses the images of an independent batch (were they
+  the same, G's outputs from them would be near-copies of the real images beside them in D's
+  loss).
 - Backward-simulation states go through a replay buffer like DDIL's other rollouts, so baseline
   and DDIL differ only in the betas and the bound. DMD2 simulates fresh from the current G; here
   the buffer of G's own states holds (refresh / refresh_every) x K x fake_updates x
@@ -66,10 +71,11 @@ Choices and deviations (DMD2 code: tianweiy/DMD2):
 - --ema-decay (default 0, as DMD2) evaluates and saves an EMA of G; the backward simulation
   still runs G itself (DMD2's definition: G's inputs are its own samples).
 - The full list against DMD2's code and paper: docs/deviations.md.
-- Defaults: betas (0, 0, 1) + --bound reflect on G's output. Against DMD2 as published
-  (--bound none), with the clipping sampler, it helped a one-step G and did not help a
-  multi-step G (measured before rollouts ran the sampling bound: bench/results/README.md). So
-  keep it for --steps 1, and pass --bound none for a multi-step G.
+- Defaults: betas (0, 0, 1) + --bound reflect on G's output at every K. Against DMD2 as
+  published (--bound none) it helped a one-step G in the old benchmark; at K = 4 under this
+  recipe the two are not told apart (unconditional, 3 paired seeds: bench/dmd2_sweep.py).
+  --steps stays 4 (1500 iterations, about 15 minutes on a laptop CPU): DDIL acts at K >= 2, and
+  a one-step G needs --lr 3e-5 --iters 10000 (over an hour) to come near its teacher.
 
     python dmd2_ddil.py                        # digits, shipped teacher: 4-step G, DMD2 + reflect
     python dmd2_ddil.py --beta-data 0.5 --beta-student 0.5        # + DDIL's data states
@@ -103,8 +109,14 @@ class Config(H.DistillConfig):
     fake_updates: int = H.flag(5, "mu_fake (and D) steps per G step (the two time-scale rule).")
     gan_weight: float = H.flag(3e-3, "Weight of G's GAN loss (0 turns the GAN off).")
     disc_weight: float = H.flag(1e-2, "Weight of the discriminator's loss in mu_fake's update.")
-    dm_min_step: int = H.flag(20, "Lowest index of EDM's 1000-level Karras grid that the DM "
-                              "loss draws its noise level from (DMD2: 2%).")
+    noise_grid: str = H.flag("auto", "The 1000-level grid whose index DMD2 draws the DM and GAN "
+                             "noise levels from: karras, EDM's sampling grid (DMD2's ImageNet-64 "
+                             "code), or time, t = k / 999, the teacher's training times (as its "
+                             "text-to-image code); auto: time with a guided real score (the "
+                             "Karras grid's high noise collapses G's modes there), else karras.",
+                             choices=("auto", "karras", "time"))
+    dm_min_step: int = H.flag(20, "Lowest index of that grid that the DM loss draws its noise "
+                              "level from (DMD2: 2%).")
     dm_max_step: int = H.flag(980, "Highest index of that grid for the DM loss (DMD2: 98%).")
     weight_decay: float = H.flag(0.01, "AdamW's decoupled weight decay of G, mu_fake and D.")
     fake_states: str = H.flag("own", "Whose outputs mu_fake (and D) learn from: own, only G's "
@@ -155,20 +167,39 @@ def coefs(t, x):
     return (C.bcast(c, x) for c in C.alpha_sigma(t))
 
 
-KARRAS = dict(n=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0)  # EDM's sampling grid
+KARRAS = dict(sigma_min=0.002, sigma_max=80.0, rho=7.0)  # EDM's sampling grid
+GRID_LEVELS = 1000  # both grids' length
 WARMUP_ITERS = 72  # DMD2: 500 scheduler steps, which its 7 processes share
 
 
-def karras_t(n, k_min=0, k_max=999, device="cpu"):
-    """Noise levels as DMD2 draws them: an index k ~ U{k_min..k_max} of EDM's 1000-level Karras
-    grid, sigma_k = (s_min^(1/rho) + k / 999 (s_max^(1/rho) - s_min^(1/rho)))^rho over
-    [0.002, 80], as our time t. EDM's sigma is the noise-to-signal ratio sigma / alpha of our
-    schedule, so logsnr = -2 log sigma_k. Uniform in k puts most levels at high noise (the DM
-    loss's median is t = 0.76)."""
-    k = torch.randint(k_min, k_max + 1, (n,), device=device).double()
+def grid_times(grid):
+    """The 1000 noise levels of a grid that DMD2 draws an index k of, as our times t, low to high.
+    karras: EDM's sampling grid, sigma_k = (s_min^(1/rho) + k / 999 (s_max^(1/rho) -
+    s_min^(1/rho)))^rho over [0.002, 80] (DMD2's ImageNet-64 code); EDM's sigma is the
+    noise-to-signal ratio sigma / alpha of our schedule, so logsnr = -2 log sigma_k.
+    time: t_k = k / 999, the times our teachers train at (DMD2's text-to-image code draws its
+    teacher's training timesteps the same way)."""
+    k = torch.arange(GRID_LEVELS, dtype=torch.float64) / (GRID_LEVELS - 1)
+    if grid == "time":
+        return k.float()
     lo, hi = (KARRAS[s] ** (1 / KARRAS["rho"]) for s in ("sigma_min", "sigma_max"))
-    sigma = (lo + k / (KARRAS["n"] - 1) * (hi - lo)) ** KARRAS["rho"]
-    return C.t_of_logsnr(-2 * sigma.log()).float()
+    return C.t_of_logsnr(-2 * ((lo + k * (hi - lo)) ** KARRAS["rho"]).log()).float()
+
+
+def grid_t(n, grid, k_min=0, k_max=GRID_LEVELS - 1, device="cpu"):
+    """Noise levels as DMD2 draws them: t of an index k ~ U{k_min..k_max} of the grid. For the
+    DM loss (k 20..980) the Karras grid puts the median at t = 0.76 and 37% of the levels below
+    logsnr -4; the time grid, t = 0.5 and 7%."""
+    k = torch.randint(k_min, k_max + 1, (n,), device=device)
+    return grid_times(grid).to(device)[k]
+
+
+def noise_grid(cfg):
+    """--noise-grid auto: time for a guided real score, else karras (docstring: why). Call after
+    main zeroes cfg.guidance for an unconditional teacher."""
+    if cfg.noise_grid != "auto":
+        return cfg.noise_grid
+    return "time" if cfg.guidance > 0 else "karras"
 
 
 def x0_of(denoise, x, t):
@@ -184,10 +215,10 @@ def dm_grad(x, x0_real, x0_fake):
     return torch.nan_to_num((p_real - p_fake) / p_real.abs().mean(dim=(1, 2, 3), keepdim=True))
 
 
-def dm_loss(x, real, fake, k_min, k_max):
-    """0.5 ||x - sg(x - grad)||^2 at x_t = alpha x + sigma eps, t = karras_t(k_min, k_max);
+def dm_loss(x, real, fake, grid, k_min, k_max):
+    """0.5 ||x - sg(x - grad)||^2 at x_t = alpha x + sigma eps, t = grid_t(grid, k_min, k_max);
     real / fake are v-denoisers(x, t). Returns (loss, grad)."""
-    t = karras_t(x.shape[0], k_min, k_max, x.device)
+    t = grid_t(x.shape[0], grid, k_min, k_max, x.device)
     x_t = C.diffuse(x.detach(), t)
     with torch.no_grad():
         grad = dm_grad(x.detach(), x0_of(real, x_t, t), x0_of(fake, x_t, t))
@@ -209,9 +240,9 @@ def gan_d_loss(logits_real, logits_fake):
     return F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
 
 
-def fake_score_loss(fake, head, x, real, y, y_real, gan):
+def fake_score_loss(fake, head, x, real, y, y_real, gan, grid):
     """mu_fake's v loss on sg(x) at t ~ U[0, 1] (the teacher's own loss), plus D's loss on noised
-    data vs noised x, each image at its own level on the whole Karras grid. One forward pass over
+    data vs noised x, each image at its own level on the whole noise grid. One forward pass over
     [x_t, real_t, fake_t] (DDP wants one). Returns (loss_v, loss_d or None)."""
     x, B = x.detach(), x.shape[0]
     t = torch.rand(B, device=x.device)
@@ -220,7 +251,7 @@ def fake_score_loss(fake, head, x, real, y, y_real, gan):
     x_t, v = alpha * x + sigma * eps, C.v_from_x0_eps(x, eps, alpha, sigma)
     if not gan:
         return F.mse_loss(fake(x_t, t, y).float(), v), None
-    t_real, t_fake = karras_t(B, device=x.device), karras_t(B, device=x.device)
+    t_real, t_fake = grid_t(B, grid, device=x.device), grid_t(B, grid, device=x.device)
     inp = torch.cat([x_t, C.diffuse(real, t_real), C.diffuse(x, t_fake)])
     ys = None if y is None else torch.cat([y, y_real, y])
     v_pred, feats = fake(inp, torch.cat([t, t_real, t_fake]), ys, return_features=True)
@@ -292,10 +323,10 @@ def generator_update(G, fake, head, T, opt, x, y, cfg):
     fake.requires_grad_(False), head.requires_grad_(False)
     with H.autocast(x.device, cfg.bf16):
         loss_dm, _ = dm_loss(x, C.guided(T, y, cfg.guidance), lambda x, t: fake(x, t, y),
-                             cfg.dm_min_step, cfg.dm_max_step)
+                             noise_grid(cfg), cfg.dm_min_step, cfg.dm_max_step)
         loss, rec = loss_dm, {"loss_dm": loss_dm.item()}
         if cfg.gan_weight > 0:
-            tg = karras_t(x.shape[0], device=x.device)
+            tg = grid_t(x.shape[0], noise_grid(cfg), device=x.device)
             feats = fake(C.diffuse(x, tg), tg, y, return_features=True)[1]
             loss_gan = gan_g_loss(head(feats).float().squeeze(1))
             loss, rec["loss_gan_g"] = loss + cfg.gan_weight * loss_gan, loss_gan.item()
@@ -311,7 +342,8 @@ def fake_score_update(fake_train, head_train, fake, head, opt, x, real, y, y_rea
     """One step of mu_fake (and the GAN head D) on G's detached samples x and the real batch."""
     gan = cfg.gan_weight > 0
     with H.autocast(x.device, cfg.bf16):
-        loss_f, loss_d = fake_score_loss(fake_train, head_train, x, real, y, y_real, gan)
+        loss_f, loss_d = fake_score_loss(fake_train, head_train, x, real, y, y_real, gan,
+                                         noise_grid(cfg))
         loss = loss_f + (cfg.disc_weight * loss_d if gan else 0.0)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -334,8 +366,8 @@ def check(cfg):
         H.fail(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if cfg.gan_weight < 0 or cfg.disc_weight < 0 or cfg.guidance < 0:
         H.fail("--gan-weight, --disc-weight and --guidance must be >= 0")
-    if not 0 <= cfg.dm_min_step < cfg.dm_max_step < KARRAS["n"] or cfg.weight_decay < 0:
-        H.fail(f"need 0 <= --dm-min-step < --dm-max-step < {KARRAS['n']} and --weight-decay >= 0, "
+    if not 0 <= cfg.dm_min_step < cfg.dm_max_step < GRID_LEVELS or cfg.weight_decay < 0:
+        H.fail(f"need 0 <= --dm-min-step < --dm-max-step < {GRID_LEVELS} and --weight-decay >= 0, "
                f"got {cfg.dm_min_step}, {cfg.dm_max_step}, {cfg.weight_decay}")
     return H.check_ddil(cfg)
 
@@ -380,7 +412,7 @@ def main(argv=None):
     head_train = DDP(head) if world > 1 and cfg.gan_weight > 0 else head
     if H.is_main():
         print(f"dmd2_ddil: K={K}, betas (data, teacher, student) = {betas}, bound {cfg.bound}, "
-              f"GAN {'on' if cfg.gan_weight > 0 else 'off'}"
+              f"GAN {'on' if cfg.gan_weight > 0 else 'off'}, noise grid {noise_grid(cfg)}"
               + (f", guidance w {cfg.guidance:g}" if nc else "")
               + f", global batch {cfg.batch_size * world}, {device}"
               + ("; K = 1: G's input is pure noise, the betas do not apply" if K == 1 else ""),

@@ -49,6 +49,8 @@ SETTINGS = {  # name: flags on top of the recipe (dmd2_ddil.py's defaults)
     "fake10": ["--fake-updates", "10"],
     "bound-none": ["--bound", "none"],  # DMD2 as published: G's output unbounded in training
     "no-gan": ["--gan-weight", "0"],
+    "karras": ["--noise-grid", "karras"],  # the guided lab's default before auto (time) there
+    "karras-lr3e-5-10k": ["--noise-grid", "karras", "--lr", "3e-5", "--iters", "10000"],
 }
 CURVE_SAMPLES, NOISE_SETS = 1000, 4
 

@@ -34,12 +34,12 @@ def test_dm_gradient_is_zero_when_fake_equals_real():
     torch.manual_seed(0)
     x = torch.randn(16, 1, 4, 4, requires_grad=True)
     score = gaussian_denoiser(0.3, 0.5)
-    loss, grad = D.dm_loss(x, score, score, 20, 980)
+    loss, grad = D.dm_loss(x, score, score, "karras", 20, 980)
     loss.backward()
     assert grad.abs().max().item() == 0.0 and loss.item() == 0.0
     assert x.grad.abs().max().item() == 0.0
     # and a different fake score does give a gradient
-    _, grad = D.dm_loss(x, score, gaussian_denoiser(-0.3, 0.5), 20, 980)
+    _, grad = D.dm_loss(x, score, gaussian_denoiser(-0.3, 0.5), "karras", 20, 980)
     assert grad.abs().mean().item() > 0.1
 
 
@@ -48,7 +48,7 @@ def test_dm_step_moves_samples_towards_the_real_distribution():
     real_mean, real_std, fake_mean, fake_std = 0.5, 0.3, -0.3, 0.6
     real, fake = gaussian_denoiser(real_mean, real_std), gaussian_denoiser(fake_mean, fake_std)
     x = (fake_mean + fake_std * torch.randn(4096, 1, 2, 2)).requires_grad_(True)
-    loss, grad = D.dm_loss(x, real, fake, 20, 980)
+    loss, grad = D.dm_loss(x, real, fake, "time", 20, 980)
     loss.backward()
     # the loss's gradient is the DM gradient (the mean over elements scales it by 1 / numel)
     torch.testing.assert_close(x.grad * x.numel(), grad)
@@ -67,12 +67,12 @@ def test_noise_levels_are_dmd2s_karras_grid():
         a, s = C.alpha_sigma(t)
         return (s / a).double()
     torch.manual_seed(0)
-    ends = torch.cat([D.karras_t(4000, 0, 0), D.karras_t(4000, 999, 999)])
+    ends = torch.cat([D.grid_t(4000, "karras", 0, 0), D.grid_t(4000, "karras", 999, 999)])
     torch.testing.assert_close(edm_sigma(ends[:4000]), torch.full((4000,), 0.002, dtype=torch.float64),
                                rtol=1e-3, atol=0)
     torch.testing.assert_close(edm_sigma(ends[4000:]), torch.full((4000,), 80.0, dtype=torch.float64),
                                rtol=1e-3, atol=0)
-    t = D.karras_t(200_000, 20, 980)
+    t = D.grid_t(200_000, "karras", 20, 980)
     s = edm_sigma(t)
     assert s.min() == pytest.approx(0.003232, rel=1e-2) and s.max() == pytest.approx(72.05, rel=1e-2)
     assert s.median() == pytest.approx(2.53, rel=0.03) and t.median() == pytest.approx(0.76, abs=0.01)
@@ -81,53 +81,18 @@ def test_noise_levels_are_dmd2s_karras_grid():
     assert s.median() == pytest.approx((lo + 500 / 999 * (hi - lo)) ** 7, rel=0.03)
 
 
-def test_gan_head_shapes_and_loss_signs():
+def test_time_grid_is_the_teachers_training_times_and_auto_picks_it_under_guidance():
+    torch.testing.assert_close(D.grid_times("time"), torch.arange(1000) / 999)
     torch.manual_seed(0)
-    net = C.build_unet("digits")
-    head = D.gan_head(net.mid_ch)
-    v, feats = net(torch.randn(5, 1, 8, 8), torch.rand(5), return_features=True)
-    assert v.shape == (5, 1, 8, 8) and feats.shape[:2] == (5, net.mid_ch)
-    logits = head(feats)
-    assert logits.shape == (5, 1)
-    real = torch.zeros(8, requires_grad=True)
-    fake = torch.zeros(8, requires_grad=True)
-    D.gan_d_loss(real, fake).backward()
-    assert (real.grad < 0).all() and (fake.grad > 0).all()  # D: real logits up, fake logits down
-    fake_g = torch.zeros(8, requires_grad=True)
-    D.gan_g_loss(fake_g).backward()
-    assert (fake_g.grad < 0).all()  # G: fake logits up
-    # a discriminator that is right has a lower loss than one that is wrong
-    assert D.gan_d_loss(torch.full((4,), 3.0), torch.full((4,), -3.0)) < D.gan_d_loss(
-        torch.full((4,), -3.0), torch.full((4,), 3.0))
-    # the joint fake-score / D loss reaches the head's parameters
-    x, r = torch.rand(4, 1, 8, 8) * 2 - 1, torch.rand(4, 1, 8, 8) * 2 - 1
-    loss_v, loss_d = D.fake_score_loss(net, head, x, r, None, None, True)
-    (loss_v + loss_d).backward()
-    assert all(p.grad is not None for p in head.parameters())
-
-
-def test_rollouts_carry_no_graph_and_land_on_the_grid():
-    torch.manual_seed(0)
-    G = C.build_unet("digits")
-    for p in G.parameters():  # a non-trivial generator, with grad on
-        p.data.add_(0.02 * torch.randn_like(p))
-    assert all(p.requires_grad for p in G.parameters())
-    K, n = 4, 3
-    taus = C.time_grid(K)[:-1]
-    x1 = torch.randn(n, 1, 8, 8)
-    x, t, _, _ = D.backward_simulation(G, x1, None, taus, bound="reflect")
-    assert not x.requires_grad and x.grad_fn is None
-    assert x.shape == (K * n, 1, 8, 8) and torch.equal(t, taus.repeat_interleave(n))
-    torch.testing.assert_close(x[:n], x1)  # tau_1 = 1: the noise itself
-    # the state at tau_2 is G's bounded sample at tau_1, re-noised to tau_2 with fresh noise
-    torch.manual_seed(7)
-    x = D.backward_simulation(G, x1, None, taus, bound="reflect")[0]
-    torch.manual_seed(7)
-    z = torch.randn_like(x1)  # the first re-noising draw
-    x0 = C.bound_x0(D.x0_of(lambda x, s: G(x, s), x1, torch.ones(n)), "reflect")
-    a, s = C.alpha_sigma(taus[1])
-    torch.testing.assert_close(x[n:2 * n], a * x0 + s * z, atol=1e-5, rtol=1e-4)
-    assert x0.abs().max() <= 1.0
+    t = D.grid_t(200_000, "time", 20, 980)
+    assert t.min() == pytest.approx(20 / 999) and t.max() == pytest.approx(980 / 999)
+    assert t.median() == pytest.approx(0.5, abs=0.01)
+    # the Karras grid is far heavier at high noise: 37% of its DM levels below logsnr -4, 7% here
+    assert (C.logsnr(t) < -4).float().mean() == pytest.approx(0.070, abs=0.005)
+    assert (C.logsnr(D.grid_t(200_000, "karras", 20, 980)) < -4).float().mean() == pytest.approx(0.366, abs=0.01)
+    cfg = lambda grid, w: types.SimpleNamespace(noise_grid=grid, guidance=w)  # noqa: E731
+    assert D.noise_grid(cfg("auto", 2.0)) == "time" and D.noise_grid(cfg("auto", 0.0)) == "karras"
+    assert D.noise_grid(cfg("karras", 2.0)) == "karras" and D.noise_grid(cfg("time", 0.0)) == "time"
 
 
 def test_teacher_rollout_follows_the_guided_teacher_and_keeps_labels():
@@ -157,7 +122,8 @@ def test_teacher_rollout_follows_the_guided_teacher_and_keeps_labels():
 
 
 def dmd2_cfg(**kw):
-    return types.SimpleNamespace(bf16=False, guidance=2.0, dm_min_step=20, dm_max_step=980, gan_weight=0.0,
+    return types.SimpleNamespace(bf16=False, guidance=2.0, noise_grid="auto", dm_min_step=20, dm_max_step=980,
+                                 gan_weight=0.0,
                                  disc_weight=1e-2, grad_clip=1e9, **kw)
 
 
@@ -172,7 +138,7 @@ def test_generator_update_is_the_dm_gradient_against_the_guided_real_score():
     a, sg = (C.bcast(c, x) for c in C.alpha_sigma(t_in))
     torch.testing.assert_close(x, C.reflect(a * x_in - sg * G(x_in, t_in, y)))
     torch.manual_seed(9)
-    t = D.karras_t(6, cfg.dm_min_step, cfg.dm_max_step)
+    t = torch.randint(cfg.dm_min_step, cfg.dm_max_step + 1, (6,)) / 999  # guided: auto is the time grid
     a, sg = (C.bcast(c, x) for c in C.alpha_sigma(t))
     x_t = a * x.detach() + sg * torch.randn_like(x)
     with torch.no_grad():
