@@ -86,6 +86,7 @@ Choices and deviations (DMD2 code: tianweiy/DMD2):
                                                # bench/dmd2_sweep.py)
 """
 import copy
+import functools
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -172,18 +173,19 @@ GRID_LEVELS = 1000  # both grids' length
 WARMUP_ITERS = 72  # DMD2: 500 scheduler steps, which its 7 processes share
 
 
-def grid_times(grid):
+@functools.lru_cache(maxsize=None)
+def grid_times(grid, device="cpu"):
     """The 1000 noise levels of a grid that DMD2 draws an index k of, as our times t, low to high.
     karras: EDM's sampling grid, sigma_k = (s_min^(1/rho) + k / 999 (s_max^(1/rho) -
     s_min^(1/rho)))^rho over [0.002, 80] (DMD2's ImageNet-64 code); EDM's sigma is the
     noise-to-signal ratio sigma / alpha of our schedule, so logsnr = -2 log sigma_k.
     time: t_k = k / 999, the times our teachers train at (DMD2's text-to-image code draws its
-    teacher's training timesteps the same way)."""
+    teacher's training timesteps the same way). Made once per grid and device (cached)."""
     k = torch.arange(GRID_LEVELS, dtype=torch.float64) / (GRID_LEVELS - 1)
     if grid == "time":
-        return k.float()
+        return k.float().to(device)
     lo, hi = (KARRAS[s] ** (1 / KARRAS["rho"]) for s in ("sigma_min", "sigma_max"))
-    return C.t_of_logsnr(-2 * ((lo + k * (hi - lo)) ** KARRAS["rho"]).log()).float()
+    return C.t_of_logsnr(-2 * ((lo + k * (hi - lo)) ** KARRAS["rho"]).log()).float().to(device)
 
 
 def grid_t(n, grid, k_min=0, k_max=GRID_LEVELS - 1, device="cpu"):
@@ -191,7 +193,7 @@ def grid_t(n, grid, k_min=0, k_max=GRID_LEVELS - 1, device="cpu"):
     DM loss (k 20..980) the Karras grid puts the median at t = 0.76 and 37% of the levels below
     logsnr -4; the time grid, t = 0.5 and 7%."""
     k = torch.randint(k_min, k_max + 1, (n,), device=device)
-    return grid_times(grid).to(device)[k]
+    return grid_times(grid, torch.device(device))[k]
 
 
 def noise_grid(cfg):
