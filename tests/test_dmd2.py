@@ -95,6 +95,55 @@ def test_time_grid_is_the_teachers_training_times_and_auto_picks_it_under_guidan
     assert D.noise_grid(cfg("karras", 2.0)) == "karras" and D.noise_grid(cfg("time", 0.0)) == "time"
 
 
+def test_gan_head_shapes_and_loss_signs():
+    torch.manual_seed(0)
+    net = C.build_unet("digits")
+    head = D.gan_head(net.mid_ch)
+    v, feats = net(torch.randn(5, 1, 8, 8), torch.rand(5), return_features=True)
+    assert v.shape == (5, 1, 8, 8) and feats.shape[:2] == (5, net.mid_ch)
+    logits = head(feats)
+    assert logits.shape == (5, 1)
+    real = torch.zeros(8, requires_grad=True)
+    fake = torch.zeros(8, requires_grad=True)
+    D.gan_d_loss(real, fake).backward()
+    assert (real.grad < 0).all() and (fake.grad > 0).all()  # D: real logits up, fake logits down
+    fake_g = torch.zeros(8, requires_grad=True)
+    D.gan_g_loss(fake_g).backward()
+    assert (fake_g.grad < 0).all()  # G: fake logits up
+    # a discriminator that is right has a lower loss than one that is wrong
+    assert D.gan_d_loss(torch.full((4,), 3.0), torch.full((4,), -3.0)) < D.gan_d_loss(
+        torch.full((4,), -3.0), torch.full((4,), 3.0))
+    # the joint fake-score / D loss reaches the head's parameters
+    x, r = torch.rand(4, 1, 8, 8) * 2 - 1, torch.rand(4, 1, 8, 8) * 2 - 1
+    loss_v, loss_d = D.fake_score_loss(net, head, x, r, None, None, True, "karras")
+    (loss_v + loss_d).backward()
+    assert all(p.grad is not None for p in head.parameters())
+
+
+def test_rollouts_carry_no_graph_and_land_on_the_grid():
+    torch.manual_seed(0)
+    G = C.build_unet("digits")
+    for p in G.parameters():  # a non-trivial generator, with grad on
+        p.data.add_(0.02 * torch.randn_like(p))
+    assert all(p.requires_grad for p in G.parameters())
+    K, n = 4, 3
+    taus = C.time_grid(K)[:-1]
+    x1 = torch.randn(n, 1, 8, 8)
+    x, t, _, _ = D.backward_simulation(G, x1, None, taus, bound="reflect")
+    assert not x.requires_grad and x.grad_fn is None
+    assert x.shape == (K * n, 1, 8, 8) and torch.equal(t, taus.repeat_interleave(n))
+    torch.testing.assert_close(x[:n], x1)  # tau_1 = 1: the noise itself
+    # the state at tau_2 is G's bounded sample at tau_1, re-noised to tau_2 with fresh noise
+    torch.manual_seed(7)
+    x = D.backward_simulation(G, x1, None, taus, bound="reflect")[0]
+    torch.manual_seed(7)
+    z = torch.randn_like(x1)  # the first re-noising draw
+    x0 = C.bound_x0(D.x0_of(lambda x, s: G(x, s), x1, torch.ones(n)), "reflect")
+    a, s = C.alpha_sigma(taus[1])
+    torch.testing.assert_close(x[n:2 * n], a * x0 + s * z, atol=1e-5, rtol=1e-4)
+    assert x0.abs().max() <= 1.0
+
+
 def test_teacher_rollout_follows_the_guided_teacher_and_keeps_labels():
     T = random_unet(1, num_classes=3).requires_grad_(False)
     K, n, w = 2, 3, 2.0
