@@ -90,6 +90,7 @@ import functools
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -105,6 +106,9 @@ from teacher import load_teacher, make_student
 
 @dataclass
 class Config(H.DistillConfig):
+    # runs made before --noise-grid drew from the Karras grid: resuming one, or the benchmark's
+    # stale check, compares that, not auto (harness.before_flags)
+    BEFORE_FLAG: ClassVar[dict] = {"noise_grid": "karras"}
     guidance: float = H.flag(0.0, "Classifier-free guidance weight w of the real score "
                              "(class-conditional teachers only).")
     fake_updates: int = H.flag(5, "mu_fake (and D) steps per G step (the two time-scale rule).")

@@ -243,15 +243,24 @@ def check_same_run(cfg, ckpt_path):
     except Exception as e:
         fail(f"{ckpt_path} cannot be resumed ({type(e).__name__}: {str(e).splitlines()[0][:120]}"
              f"); pass a fresh --out")
-    defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
-                for f in dataclasses.fields(cfg)}
+    before = before_flags(cfg)
     for name, value in dataclasses.asdict(cfg).items():
-        # a flag newer than the checkpoint: it was trained as the flag's default
-        was = saved.get(name, defaults[name])
+        # a flag newer than the checkpoint: it was trained as the flag's value before the flag
+        was = saved.get(name, before[name])
         if name in MAY_CHANGE_ON_RESUME or was == value:
             continue
         fail(f"{ckpt_path} was trained with --{name.replace('_', '-')} {was}, not {value}: rerun "
              f"with the same flags to resume it, or pass a fresh --out for this run")
+
+
+def before_flags(cfg):
+    """{flag: the value a run made before the flag existed was trained with}: the flag's default,
+    or the script Config's BEFORE_FLAG entry where the default changed what an older run did
+    (dmd2_ddil's --noise-grid: older runs drew from the Karras grid, which auto no longer is
+    under guidance). Resumes (check_same_run) and bench/results.py's stale check read it."""
+    defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(cfg)}
+    return {**defaults, **getattr(cfg, "BEFORE_FLAG", {})}
 
 
 def save_config(cfg, out):

@@ -8,7 +8,8 @@ curves to convergence, against the 64-step teacher on the same seeds and protoco
 
 Each run is `python dmd2_ddil.py --steps K --iters ITERS --eval-every 500 --eval-every-samples
 1000 <setting's flags> --seed S` into <runs-dir>/[cond-]<setting>[-K<K>]-s<S> (default
-bench/out/dmd2_sweep, gitignored); a run whose metrics.json exists is skipped. K (--steps) is 1
+bench/out/dmd2_sweep, gitignored); a run whose metrics.json exists is skipped, and one whose
+config.json differs from what its command would write now stops the sweep (bench/results.py's check). K (--steps) is 1
 unless given; a K-step sweep writes its own dmd2_sweep[-cond]-K<K>.json and .md. Settings change
 one thing from the recipe (dmd2_ddil.py's defaults) unless their name says otherwise. Per run:
     fd       the final FD of G at K on 2000 samples (metrics.json)
@@ -178,6 +179,12 @@ def main(argv=None):
     name = ("dmd2_sweep" + ("" if cfg.lab == "uncond" else "-cond")
             + ("" if cfg.steps == 1 else f"-K{cfg.steps}"))
     path = os.path.join(cfg.out, name + ".json")
+    # a run folder made with other flags (an older recipe, another default) is not this setting
+    runs = {run_name(cfg, setting, seed): (setting, seed) for seed in cfg.seeds for setting in settings}
+    stale = R.stale_runs(cfg, runs, lambda cfg, name, spec: argv_of(cfg, *spec))
+    if stale:
+        H.fail(f"{len(stale)} runs in {cfg.runs_dir} were made with other flags ({stale[0]}"
+               f"{', ...' if len(stale) > 1 else ''}): move them away or give another --runs-dir")
     fresh, failed = {}, []
     for seed in cfg.seeds:
         for setting in settings:

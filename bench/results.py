@@ -247,10 +247,11 @@ PATHS = ("out", "data_dir", "teacher", "device")  # where a run lives, not what 
 
 
 def config_of(argv):
-    """The whole config.json a script's argv would write now: its flags and every default."""
+    """The whole config.json a script's argv would write now (its flags and every default), and
+    each flag's value in a run made before the flag existed (harness.before_flags)."""
     module = importlib.import_module(os.path.splitext(os.path.basename(argv[1]))[0])
     cfg = H.parse_config(module.Config, argv[2:], getattr(module, "PRESETS", None))
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return json.loads(json.dumps(dataclasses.asdict(cfg))), H.before_flags(cfg)
 
 
 def same_value(have, want):
@@ -264,7 +265,7 @@ def stale_runs(cfg, runs, argv_of=argv_of):
     """The runs in --runs-dir whose config.json differs from the one their command would write now
     (another budget, an older grid, a default changed since): "name: key was, now" lines. Run names
     encode only the grid's flags. A key the run's config.json lacks (a flag newer than the run) is
-    taken as its default, as a resume takes it (harness.check_same_run).
+    taken as its value before the flag, as a resume takes it (harness.check_same_run).
     argv_of(cfg, name, spec): each run's command (bench/shift_gap.py adds flags to it)."""
     stale = []
     for name, spec in runs.items():
@@ -272,10 +273,12 @@ def stale_runs(cfg, runs, argv_of=argv_of):
         if not os.path.isfile(path):
             continue
         config = read_json(path)
-        for key, want in config_of(argv_of(cfg, name, spec)).items():
-            if key in PATHS or key not in config or same_value(config[key], want):
+        now, before = config_of(argv_of(cfg, name, spec))
+        for key, want in now.items():
+            have = config.get(key, before[key])
+            if key in PATHS or same_value(have, want):
                 continue
-            stale.append(f"{name}: {key} {config[key]}, now {want}")
+            stale.append(f"{name}: {key} {have}, now {want}")
             break
     return stale
 

@@ -88,3 +88,23 @@ def test_a_k_step_sweep_reads_its_own_runs_and_files(tmp_path):
     assert W.argv_of(W.H.parse_config(W.Config, ["--steps", "4"]), "recipe", 0)[2:4] == ["--steps", "4"]
     assert "sweep on digits" in (out / "dmd2_sweep-K4.md").read_text()
     assert "K = 4" in (out / "dmd2_sweep-K4.md").read_text() and not (out / "dmd2_sweep.json").exists()
+
+
+def test_a_run_made_with_other_flags_stops_the_sweep(tmp_path):
+    """A run folder whose config.json is not what its setting's command writes now (an older
+    recipe, a changed default, a run from before --noise-grid) is refused, not read as that setting."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    args = ["--no-run", "--lab", "cond", "--settings", "recipe", "--runs-dir", str(runs), "--out", str(out)]
+    cfg = W.H.parse_config(W.Config, args)
+    cfg.runs_dir = str(runs)
+    config = W.R.config_of(W.argv_of(cfg, "recipe", 0))[0]
+    fake_run(runs, "cond-recipe-s0", 0.16, 0.04, [(500, 0.2)], 0.02)
+    (runs / "cond-recipe-s0" / "config.json").write_text(json.dumps(config))
+    assert W.main(args)["rows"][0]["fd"] == 0.16
+    (runs / "cond-recipe-s0" / "config.json").write_text(json.dumps({**config, "lr": 3e-4}))
+    with pytest.raises(SystemExit, match=r"made with other flags \(cond-recipe-s0: lr 0.0003, now"):
+        W.main(args)
+    del config["noise_grid"]  # made on the Karras grid, before the flag; auto is time when guided
+    (runs / "cond-recipe-s0" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="noise_grid karras, now auto"):
+        W.main(args)

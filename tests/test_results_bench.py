@@ -69,7 +69,7 @@ def test_plan_grid_and_flags():
         f = {a: argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else True
              for i, a in enumerate(argv) if a.startswith("--")}
         # the stale-run check reads the whole config the command would write, flags by key
-        config = R.config_of(argv)
+        config = R.config_of(argv)[0]
         for a, v in f.items():
             have = config[a[2:].replace("-", "_")]
             assert have is True if v is True else R.same_value(have, type(have)(v))
@@ -261,6 +261,20 @@ def test_smoke_two_runs_end_to_end(tiny_teacher, tmp_path, monkeypatch, capsys):
             assert 0 < os.path.getsize(tmp_path / "res" / name) < 100_000
     R.main(argv)  # a rerun resumes: nothing left to train (the runs' config.json match their flags)
     assert "2 runs, 2 already done, 0 to run" in capsys.readouterr().out
+    # a run made before a flag existed: taken as the flag's value then (harness.before_flags),
+    # which is the default unless the script's Config says otherwise
+    configs = {run / "config.json": (run / "config.json").read_text() for run in (tmp_path / "runs").iterdir()}
+    for path, text in configs.items():
+        path.write_text(json.dumps({k: v for k, v in json.loads(text).items() if k != "target_ema"}))
+    R.main(argv)
+    assert "2 runs, 2 already done, 0 to run" in capsys.readouterr().out
+    monkeypatch.setattr(lcm_ddil.Config, "BEFORE_FLAG", {"target_ema": 0.9}, raising=False)
+    with pytest.raises(SystemExit, match=r"were made with other flags \(uncond-lcm-K2-b1_0_0-none-s0: "
+                                         r"target_ema 0.9, now 0.95"):
+        R.main(argv)
+    monkeypatch.delattr(lcm_ddil.Config, "BEFORE_FLAG")
+    for path, text in configs.items():
+        path.write_text(text)
     # a default changed since the runs were made, in a flag their command does not pass: stale too
     field = lcm_ddil.Config.__dataclass_fields__["target_ema"]
     monkeypatch.setattr(field, "default", 0.9)

@@ -74,3 +74,15 @@ def test_a_flag_newer_than_the_checkpoint_resumes_only_at_its_default(tmp_path):
     H.check_same_run(cfg, path)
     with pytest.raises(SystemExit, match="--student-states taus, not grid"):
         H.check_same_run(H.parse_config(lcm_ddil.Config, ["--student-states", "grid"]), path)
+
+
+def test_a_run_from_before_the_noise_grid_flag_resumes_only_on_the_karras_grid(tmp_path):
+    """DMD2 runs made before --noise-grid drew from the Karras grid, which auto is not under
+    guidance: such a checkpoint continues only with --noise-grid karras (Config.BEFORE_FLAG)."""
+    argv = ["--cond", "--guidance", "2"]
+    cfg = H.parse_config(dmd2_ddil.Config, argv)
+    path = str(tmp_path / "ckpt.pt")
+    torch.save({"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "noise_grid"}}, path)
+    with pytest.raises(SystemExit, match="--noise-grid karras, not auto"):
+        H.check_same_run(cfg, path)
+    H.check_same_run(H.parse_config(dmd2_ddil.Config, argv + ["--noise-grid", "karras"]), path)
