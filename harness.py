@@ -214,6 +214,8 @@ def setup(cfg, script):
     cond = "-cond" if getattr(cfg, "cond", False) else ""
     cfg.out = cfg.out or os.path.join("runs", f"{script}-{cfg.dataset}{cond}")
     check_out_dir(cfg.out)  # --out naming a file: one line, before any work
+    if int(os.environ.get("RANK", 0)) == 0:
+        claim_out_dir(cfg.out)
     check_same_run(cfg, os.path.join(cfg.out, "ckpt.pt"))
     rank, world, device = init_dist(cfg.device)
     save_config(cfg, cfg.out)
@@ -835,6 +837,45 @@ def check_out_dir(out):
         fail(f"cannot create --out {out!r} ({e.strerror or e}): pick another --out")
     if not os.access(out, os.W_OK | os.X_OK):
         fail(f"--out {out!r} is not writable: pick another --out")
+
+
+OUT_LOCK = "out.lock"  # flock()ed by the process training into an --out, while it lives
+_claimed = {}  # realpath -> the open lock file: held until this process exits
+
+
+def out_in_use(out):
+    """Whether another process holds out's lock (claim_out_dir)."""
+    import fcntl
+    if os.path.realpath(out) in _claimed or not os.path.isfile(os.path.join(out, OUT_LOCK)):
+        return False
+    with open(os.path.join(out, OUT_LOCK), "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:  # a filesystem without locks: nothing can be told
+            return False
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
+
+
+def claim_out_dir(out):
+    """Hold out's lock file while this process lives: two runs training into one --out would
+    overwrite each other's checkpoints and logs. The kernel releases it when the process ends,
+    however it ends, so a killed run leaves no stale claim (as load_dataset's cache lock)."""
+    import fcntl
+    key = os.path.realpath(out)
+    if key in _claimed:  # a second main() in this process (tests, a script calling a script)
+        return
+    fh = open(os.path.join(out, OUT_LOCK), "a")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        fail(f"--out {out} is in use by another run: wait for it to end, or pass another --out")
+    except OSError:  # a filesystem without locks: unguarded, as before
+        pass
+    _claimed[key] = fh
 
 
 def check_free_space(out, nets, trained, buffer_states=0, shape=(), world=1):

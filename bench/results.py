@@ -307,6 +307,8 @@ def execute(cfg, runs, argv_of=argv_of):
         out = os.path.join(cfg.runs_dir, name)
         if os.path.isfile(os.path.join(out, "metrics.json")):  # finished meanwhile (another instance)
             return name, 0, 0.0
+        if H.out_in_use(out):  # another benchmark is training it: opening stdout.log would truncate it
+            return name, "another process is training it", 0.0
         os.makedirs(out, exist_ok=True)
         t0 = time.time()
         with open(os.path.join(out, "stdout.log"), "w") as fh:
@@ -328,6 +330,9 @@ def execute(cfg, runs, argv_of=argv_of):
                     row = m["student"].get(str(runs[name][2]), {})
                     print(f"[{i}/{len(todo)}] {name}: {dt:.0f} s, FD {row.get('fd', float('nan')):.4g}, "
                           f"FD vs teacher {row.get('fd_teacher') or float('nan'):.4g}", flush=True)
+                elif isinstance(rc, str):
+                    print(f"[{i}/{len(todo)}] {name}: skipped, {rc}; rerun when it ends", flush=True)
+                    failed.append(name)
                 else:
                     failed.append(name)
                     with open(os.path.join(path, "stdout.log")) as fh:

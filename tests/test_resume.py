@@ -5,6 +5,8 @@ config.json and the checkpoint stay as they were. Flags that may change (harness
 MAY_CHANGE_ON_RESUME: counts, device, --iters) resume."""
 import dataclasses
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,6 +16,8 @@ import harness as H
 import lcm_ddil
 import pd_ddil
 import teacher
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = {
     pd_ddil: ["--teacher-steps", "4", "--steps", "2", "--iters-per-stage", "1",
@@ -62,6 +66,51 @@ def test_the_teacher_refuses_another_run_too(tmp_path):
     with pytest.raises(SystemExit, match="--ema"):
         teacher.main(argv + ["--ema", "0.9"])
     assert files(out) == before
+
+
+def holder(out):
+    """A live process holding out's claim (as a run training there does), until its stdin closes."""
+    code = f"import harness as H; H.claim_out_dir({str(out)!r}); print('held', flush=True); input()"
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_a_second_run_into_a_live_runs_out_stops_and_writes_nothing(tmp_path):
+    """Two runs training into one --out would overwrite each other's checkpoints: the second
+    stops with one line before writing anything; once the first ends, the claim is free."""
+    out = tmp_path / "t"
+    out.mkdir()
+    argv = ["--iters", "2", "--batch-size", "4", "--sample-steps", "2", "--sample-count", "2",
+            "--out", str(out)]
+    p = holder(out)
+    try:
+        with pytest.raises(SystemExit, match=r"^error: --out .* is in use by another run"):
+            teacher.main(argv)
+        assert sorted(os.listdir(out)) == [H.OUT_LOCK] and H.out_in_use(str(out))
+    finally:
+        p.communicate("")
+    assert not H.out_in_use(str(out))  # the kernel released it with the process
+    teacher.main(argv)
+    assert os.path.isfile(out / "ckpt.pt")
+
+
+def test_the_benchmark_skips_a_run_another_process_is_training(tmp_path):
+    """bench/results.py's execute leaves a run another benchmark is training alone (its stdout.log
+    untouched: reopening it would truncate the live run's log) and reports it as not done."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import results as R
+    cfg = R.H.parse_config(R.Config, ["--budget", "smoke", "--runs-dir", str(tmp_path)])
+    name = "uncond-lcm-K2-b1_0_0-none-s0"
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "stdout.log").write_text("live\n")
+    p = holder(tmp_path / name)
+    try:
+        failed = R.execute(cfg, {name: ("uncond", "lcm", 2, (1, 0, 0), "none", 0.0, 0)})
+    finally:
+        p.communicate("")
+    assert failed == [name] and (tmp_path / name / "stdout.log").read_text() == "live\n"
 
 
 def test_a_flag_newer_than_the_checkpoint_resumes_only_at_its_default(tmp_path):
