@@ -34,7 +34,8 @@ The runs are bench/results.py's (same names, budget and --runs-dir, default benc
 data-only / +DDIL (PD, LCM) and own-only / +DDIL (DMD2) runs are its baseline and +DDIL cells, so
 one benchmark feeds the other. A regime adds its flags to every run and its name to the run names;
 a rollout-only regime (ROLLOUT_ONLY: own-grid) only to the arms with own states, the others
-being the base regime's runs.
+being the base regime's runs. A regime of one method's flags (karras: DMD2's noise grid before
+auto) is refused for the other methods.
 Outputs: bench/results/shift_gap[-<regime>].json and .md; per seed-cell measurements are cached
 in <runs-dir>/shift_gap/ (recomputed when a student's weights change).
 """
@@ -70,7 +71,10 @@ REGIMES = {"base": [],
            "narrow": ["--student-width", "0.5", "--head-warmup", "1000"],
            # LCM's own states carried on by the teacher to every grid time: an own-only student
            # then trains the whole consistency chain (at the tau_i alone it collapses)
-           "own-grid": {"lcm": ["--student-states", "grid"]}}
+           "own-grid": {"lcm": ["--student-states", "grid"]},
+           # DMD2 on EDM's Karras noise grid, its default under guidance before auto (the record
+           # of the guided K = 4 gap made then; DMD2 only)
+           "karras": {"dmd2": ["--noise-grid", "karras"]}}
 ROLLOUT_ONLY = {"own-grid"}  # regimes whose flags act only on the student's own rollouts: an arm
 # without them (beta_student = 0) is the same run as the base regime's, and shares it
 
@@ -107,6 +111,8 @@ def plan(cfg):
     if cfg.n < 16 or cfg.jobs <= 0:
         H.fail(f"--n must be at least 16 and --jobs positive, got {cfg.n}, {cfg.jobs}")
     extra = REGIMES[cfg.regime]
+    if isinstance(extra, dict) and cfg.regime not in ROLLOUT_ONLY and set(methods) - set(extra):
+        H.fail(f"--regime {cfg.regime} changes only {','.join(extra)}: give --only {','.join(extra)}")
     suffix = "" if cfg.regime == "base" else f"-{cfg.regime}"
     cells, runs = {}, {}
     for seed in cfg.seeds:

@@ -155,3 +155,10 @@ def test_a_rollout_only_regime_shares_the_runs_it_cannot_change():
     assert all(not name.endswith("own-grid") and runs[name][1] == [] for name in pd.values())
     cfg.regime = "k8"
     assert all(name.endswith("-k8") for name in S.plan(cfg)[0][("uncond", "pd", 4, 0)].values())
+    # a regime of one method's runs (karras: DMD2's noise grid) refuses the others
+    cfg.regime = "karras"
+    with pytest.raises(SystemExit, match="--regime karras changes only dmd2: give --only dmd2"):
+        S.plan(cfg)
+    cfg.only = "dmd2"
+    arms = S.plan(cfg)[0][("uncond", "dmd2", 4, 0)]
+    assert all(name.endswith("-karras") for name in arms.values())
