@@ -65,7 +65,7 @@ Choices and deviations (DMD2 code: tianweiy/DMD2):
 - --fake-states own (default; all is DMD2's): with DDIL's data states in G's batch, mu_fake and D
   learn only G's outputs from its own states (topped up from their buffer): the distribution the
   DM gradient must correct is G's sampling distribution, not a mixture half made of near-copies
-  of data. Guided lab, K = 4, +DDIL, 5 paired seeds: FD -0.17 [-0.21, -0.12] against all
+  of data. Guided lab, K = 4, +DDIL, 5 paired seeds: FD -0.060 [-0.096, -0.023] against all
   (bench/flag_ab.py, bench/results/ab-fake-all.md). With G's own states alone (DMD2's betas, and
   every K = 1 run) the two are the same.
 - --ema-decay (default 0, as DMD2) evaluates and saves an EMA of G; the backward simulation
