@@ -370,3 +370,22 @@ def test_fake_states_own_trains_mu_fake_on_gs_own_state_outputs_only(tiny_teache
         assert own[0][1] is own[1][1] and own[1][3] == 0 and own[1][2] == 4  # same buffer, no refresh
         assert torch.equal(extra[0], own[1][4][0])  # the top-up's inputs are those buffer states
         assert torch.equal(main[0][4:], own[0][4][0])
+
+
+@pytest.mark.parametrize("grid", ["time", "karras"])
+def test_every_noise_level_of_g_mu_fake_and_d_is_drawn_on_the_noise_grid(grid, monkeypatch):
+    # the DM loss, G's GAN loss and D's real and fake levels all follow --noise-grid
+    drawn, grid_t = [], D.grid_t
+    monkeypatch.setattr(D, "grid_t", lambda n, g, *a, **kw: drawn.append(g) or grid_t(n, g, *a, **kw))
+    T = random_unet(1, num_classes=3).requires_grad_(False)
+    G, fake = random_unet(2, num_classes=3), random_unet(3, num_classes=3)
+    head = D.gan_head(fake.mid_ch)
+    cfg = dmd2_cfg()
+    cfg.noise_grid, cfg.gan_weight = grid, 0.1
+    y = torch.tensor([0, 1, 2, 0])
+    x = D.generator_sample(G, torch.randn(4, 1, 8, 8), torch.ones(4), y, bound="reflect")
+    D.generator_update(G, fake, head, T, torch.optim.SGD(G.parameters(), lr=0.1), x, y, cfg)
+    assert drawn == [grid, grid]  # the DM loss's and the GAN generator loss's
+    opt = torch.optim.SGD(list(fake.parameters()) + list(head.parameters()), lr=0.1)
+    rec = D.fake_score_update(fake, head, fake, head, opt, x.detach(), torch.rand(4, 1, 8, 8), y, y, cfg)
+    assert drawn == [grid] * 4 and set(rec) == {"loss_fake", "loss_d"}  # + D's real and fake
