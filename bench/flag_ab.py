@@ -135,7 +135,7 @@ def main(argv=None):
     if stale:
         H.fail(f"{len(stale)} runs in {cfg.runs_dir} were made with other flags ({stale[0]}): "
                "move them away or give another --runs-dir")
-    failed = R.execute(cfg, specs, argv_of) if cfg.run else []
+    failed, busy = R.execute(cfg, specs, argv_of) if cfg.run else ([], [])
     path = os.path.join(cfg.out, f"ab-{cfg.name}.json")
     cell = f"{cfg.lab} {cfg.method} K={cfg.k} {cfg.variant}"
     # a fresh checkout has the committed seeds but not their runs: keep them (same cell and flags)
@@ -152,8 +152,7 @@ def main(argv=None):
     with open(os.path.join(cfg.out, f"ab-{cfg.name}.md"), "w") as fh:
         fh.write(table_md(res) + "\n")
     print(table_md(res), flush=True)
-    if failed:
-        H.fail(f"{len(failed)} runs failed ({', '.join(failed)}): see their stdout.log")
+    R.stop_if_unfinished(failed, busy)
     return res
 
 

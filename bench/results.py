@@ -284,8 +284,8 @@ def stale_runs(cfg, runs, argv_of=argv_of):
 
 
 def execute(cfg, runs, argv_of=argv_of):
-    """Run what is missing, one line per run (argv_of as in stale_runs). Returns the names of the
-    runs that failed."""
+    """Run what is missing, one line per run (argv_of as in stale_runs). Returns (failed, busy): the
+    names of the runs that failed, and of those another process was training (left to it)."""
     todo = [(n, s) for n, s in runs.items()
             if not os.path.isfile(os.path.join(cfg.runs_dir, n, "metrics.json"))]
     print(f"{len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run "
@@ -319,7 +319,7 @@ def execute(cfg, runs, argv_of=argv_of):
             H.write_json({"wall_s": dt, "jobs": cfg.jobs}, os.path.join(out, "bench_wall.json"))
         return name, rc, dt
 
-    failed, i = [], 0
+    failed, busy, i = [], [], 0
     for batch, jobs in ((first, 1), (rest, cfg.jobs)):
         with ThreadPoolExecutor(jobs) as pool:
             for name, rc, dt in pool.map(one, batch):
@@ -332,14 +332,25 @@ def execute(cfg, runs, argv_of=argv_of):
                           f"FD vs teacher {row.get('fd_teacher') or float('nan'):.4g}", flush=True)
                 elif isinstance(rc, str):
                     print(f"[{i}/{len(todo)}] {name}: skipped, {rc}; rerun when it ends", flush=True)
-                    failed.append(name)
+                    busy.append(name)
                 else:
                     failed.append(name)
                     with open(os.path.join(path, "stdout.log")) as fh:
                         tail = fh.read().strip().splitlines()[-3:]
                     print(f"[{i}/{len(todo)}] {name}: FAILED (exit {rc}) after {dt:.0f} s; "
                           f"{os.path.join(path, 'stdout.log')}: " + " | ".join(tail), flush=True)
-    return failed
+    return failed, busy
+
+
+def stop_if_unfinished(failed, busy):
+    """The closing line of a benchmark whose grid is not complete: a failed run is retried by a
+    rerun; a run another process was training is counted once that process has finished it."""
+    why = ([f"{len(failed)} runs failed ({', '.join(failed)}): see their stdout.log; rerun to retry them"]
+           if failed else [])
+    why += ([f"{len(busy)} runs were left to another process training them ({', '.join(busy)}): rerun "
+             f"when it ends to include them"] if busy else [])
+    if why:
+        H.fail("; ".join(why))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -718,7 +729,7 @@ def main(argv=None):
     if stale:
         H.fail(f"{len(stale)} runs in {cfg.runs_dir} were made with other flags ({stale[0]}"
                f"{', ...' if len(stale) > 1 else ''}): move them away or give another --runs-dir")
-    failed = execute(cfg, runs) if cfg.run else []
+    failed, busy = execute(cfg, runs) if cfg.run else ([], [])
     res = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "budget": cfg.budget, "seeds": cfg.seeds, "flags": {m: BUDGETS[cfg.budget][m] for m in SCRIPTS},
            "lab_flags": LABS, **aggregate(cells, cfg.runs_dir), "failed": failed}
@@ -736,8 +747,7 @@ def main(argv=None):
     print(f"wrote {', '.join(['results.json', 'table.md'] + [os.path.basename(p) for p in written])} "
           f"in {cfg.out}", flush=True)
 
-    if failed:
-        H.fail(f"{len(failed)} runs failed ({', '.join(failed)}): see their stdout.log; rerun to retry them")
+    stop_if_unfinished(failed, busy)
     return res
 
 

@@ -430,7 +430,7 @@ def main(argv=None):
     if stale:
         H.fail(f"{len(stale)} runs in {cfg.runs_dir} were made with other flags ({stale[0]}"
                f"{', ...' if len(stale) > 1 else ''}): move them away or give another --runs-dir")
-    failed = R.execute(cfg, specs, argv_of) if cfg.run else []
+    failed, busy = R.execute(cfg, specs, argv_of) if cfg.run else ([], [])
     device = cfg.device or "cpu"
     name = "shift_gap" + ("" if cfg.regime == "base" else f"-{cfg.regime}")
     fresh = {}
@@ -453,8 +453,7 @@ def main(argv=None):
         fh.write(table_md(res) + "\n")
     png = plot(res, os.path.join(cfg.out, name + ".png"))
     print(f"wrote {name}.json, .md{' and .png' if png else ''} in {cfg.out}", flush=True)
-    if failed:
-        H.fail(f"{len(failed)} runs failed ({', '.join(failed)}): see their stdout.log; rerun")
+    R.stop_if_unfinished(failed, busy)
     return res
 
 

@@ -98,7 +98,8 @@ def test_a_second_run_into_a_live_runs_out_stops_and_writes_nothing(tmp_path):
 
 def test_the_benchmark_skips_a_run_another_process_is_training(tmp_path):
     """bench/results.py's execute leaves a run another benchmark is training alone (its stdout.log
-    untouched: reopening it would truncate the live run's log) and reports it as not done."""
+    untouched: reopening it would truncate the live run's log) and reports it as left to that
+    process, not as failed: the closing line says to rerun when it ends, not to read its log."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import results as R
     cfg = R.H.parse_config(R.Config, ["--budget", "smoke", "--runs-dir", str(tmp_path)])
@@ -107,10 +108,17 @@ def test_the_benchmark_skips_a_run_another_process_is_training(tmp_path):
     (tmp_path / name / "stdout.log").write_text("live\n")
     p = holder(tmp_path / name)
     try:
-        failed = R.execute(cfg, {name: ("uncond", "lcm", 2, (1, 0, 0), "none", 0.0, 0)})
+        failed, busy = R.execute(cfg, {name: ("uncond", "lcm", 2, (1, 0, 0), "none", 0.0, 0)})
     finally:
         p.communicate("")
-    assert failed == [name] and (tmp_path / name / "stdout.log").read_text() == "live\n"
+    assert failed == [] and busy == [name] and (tmp_path / name / "stdout.log").read_text() == "live\n"
+    with pytest.raises(SystemExit, match=r"^error: 1 runs were left to another process training them "
+                                         rf"\({name}\): rerun when it ends"):
+        R.stop_if_unfinished(failed, busy)
+    with pytest.raises(SystemExit, match=r"^error: 1 runs failed \(x\): see their stdout.log; rerun to "
+                                         r"retry them; 1 runs were left"):
+        R.stop_if_unfinished(["x"], busy)
+    R.stop_if_unfinished([], [])  # a complete grid ends quietly
 
 
 def test_a_flag_newer_than_the_checkpoint_resumes_only_at_its_default(tmp_path):
