@@ -345,10 +345,12 @@ def execute(cfg, runs, argv_of=argv_of):
 def stop_if_unfinished(failed, busy):
     """The closing line of a benchmark whose grid is not complete: a failed run is retried by a
     rerun; a run another process was training is counted once that process has finished it."""
-    why = ([f"{len(failed)} runs failed ({', '.join(failed)}): see their stdout.log; rerun to retry them"]
-           if failed else [])
-    why += ([f"{len(busy)} runs were left to another process training them ({', '.join(busy)}): rerun "
-             f"when it ends to include them"] if busy else [])
+    why = []
+    if failed:
+        why.append(f"{len(failed)} runs failed ({', '.join(failed)}): see their stdout.log; rerun to retry them")
+    if busy:
+        why.append(f"{len(busy)} runs were left to another process training them ({', '.join(busy)}): rerun "
+                   f"when it ends to include them")
     if why:
         H.fail("; ".join(why))
 
